@@ -1,0 +1,1 @@
+"""kdzoo.heads."""

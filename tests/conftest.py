@@ -1,0 +1,40 @@
+"""Shared pytest fixtures and markers."""
+import os
+
+import pytest
+import torch
+
+SHARED = os.environ.get(
+    'KDZOO_SHARED',
+    os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..',
+                                 'shared')))
+
+
+def shared_path(*parts):
+    """Path under ../shared, or skip the test when it is absent."""
+    path = os.path.join(SHARED, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f'{path} not present (../shared is development data, '
+                    'not part of kdzoo)')
+    return path
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers',
+                            'gpu: needs CUDA; skipped on machines without it')
+    config.addinivalue_line('markers', 'slow: takes more than ~20 s on CPU')
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs CUDA (run through the device tool)')
+    for item in items:
+        if 'gpu' in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
