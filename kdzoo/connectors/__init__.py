@@ -1,1 +1,4 @@
-"""kdzoo.connectors."""
+"""Trainable adapters between student taps and teacher-shaped targets."""
+from .projectors import BaseConnector, ConvProjector, LinearProjector
+
+__all__ = ['BaseConnector', 'LinearProjector', 'ConvProjector']

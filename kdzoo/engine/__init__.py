@@ -1,1 +1,16 @@
-"""kdzoo.engine."""
+"""Runner glue, hooks, checkpoint policy and optimizer construction."""
+from .checkpoint import (AtomicLocalBackend, RUNNER_CHECKPOINT_ALLOWLIST,
+                         find_resume_checkpoint, runner_checkpoint_policy)
+from .hooks import ExportStudentHook, RichProgressHook
+from .optimizer import TrainableOptimWrapperConstructor
+from .runner import (KdzooRunner, config_hash, load_recipe, test_recipe,
+                     train_recipe)
+from .validate import validate_config
+
+__all__ = [
+    'AtomicLocalBackend', 'RUNNER_CHECKPOINT_ALLOWLIST',
+    'find_resume_checkpoint', 'runner_checkpoint_policy', 'RichProgressHook',
+    'ExportStudentHook', 'TrainableOptimWrapperConstructor', 'KdzooRunner',
+    'config_hash', 'load_recipe', 'train_recipe', 'test_recipe',
+    'validate_config'
+]

@@ -1,1 +1,5 @@
-"""kdzoo.teachers."""
+"""Frozen teacher adapters."""
+from .adapters import CheckpointTeacher, OnnxTeacher
+from .base import FrozenTeacher
+
+__all__ = ['FrozenTeacher', 'CheckpointTeacher', 'OnnxTeacher']

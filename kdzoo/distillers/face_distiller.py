@@ -1,0 +1,383 @@
+"""The distiller: student + named frozen teachers + taps + connectors + losses."""
+import inspect
+from collections import OrderedDict
+from typing import Dict, Optional
+
+import torch
+from mmengine.model import BaseModel
+from torch import nn
+
+from kdzoo.registry import (BACKBONES, CONNECTORS, HEADS, LOSSES, MODELS,
+                            TEACHERS)
+from kdzoo.utils import ConfigError, did_you_mean
+from .taps import Tap, TapRecorder, parse_tap, resolve_module_path
+
+RESERVED_NAMES = ('student', 'data', 'connectors')
+
+
+class Student(nn.Module):
+    """The trained model: backbone (exported) + margin head (training only)."""
+
+    def __init__(self, backbone: dict, head: Optional[dict] = None):
+        super().__init__()
+        self.backbone = BACKBONES.build(backbone)
+        self.head = HEADS.build(head) if head is not None else None
+
+
+class _Binding:
+    """One loss argument bound to a tap, optionally through a connector."""
+
+    def __init__(self, arg: str, tap: Tap, connector: Optional[str]):
+        self.arg, self.tap, self.connector = arg, tap, connector
+
+    @property
+    def key(self) -> str:
+        return self.tap.text + (f'->{self.connector}' if self.connector else '')
+
+    def describe(self) -> str:
+        return repr(self.tap.text) + (f' through connector {self.connector!r}'
+                                      if self.connector else '')
+
+
+@MODELS.register_module()
+class FaceDistiller(BaseModel):
+    """Face-recognition distiller: trains a student from frozen teachers.
+
+    Args:
+        student: ``dict(backbone=<backbone cfg>, head=<margin head cfg>)``.
+            The head gives the identity loss (``loss_cls``); a student with no
+            head can only be evaluated.
+        teachers: ``{name: teacher cfg}`` (e.g. ``CheckpointTeacher``,
+            ``OnnxTeacher``); several named teachers are allowed; none trains
+            the student alone.
+        connectors: ``{name: connector cfg}``; trainable adapters applied to a
+            tap when a loss input says ``dict(tap=..., connector=name)``.
+        distill_losses: ``{name: loss cfg}``; each cfg has ``inputs``, a
+            mapping from the loss's forward argument names to taps (see
+            ``kdzoo.distillers.taps``) or ``dict(tap=..., connector=...)``.
+        cls_loss_weight: weight of the student's identity loss.
+        data_preprocessor: defaults to ``FaceDataPreprocessor``.
+        input_size: (H, W) of training images, used for the build-time shape
+            check; defaults to the student backbone's ``input_size``.
+        test_cfg: ``dict(flip=True)``: test embeddings are the sum of the
+            image's and its horizontal flip's (insightface protocol).
+
+    Everything is validated at build time: unknown loss arguments, missing
+    required arguments, unknown tap paths (with the nearest module names),
+    and shape mismatches (with the shapes), by one forward pass on zeros.
+    """
+
+    def __init__(self, student: dict, teachers: Optional[dict] = None,
+                 connectors: Optional[dict] = None,
+                 distill_losses: Optional[dict] = None,
+                 cls_loss_weight: float = 1.0,
+                 data_preprocessor: Optional[dict] = None,
+                 input_size=None, test_cfg: Optional[dict] = None,
+                 init_cfg: Optional[dict] = None):
+        if data_preprocessor is None:
+            data_preprocessor = dict(type='FaceDataPreprocessor')
+        if isinstance(data_preprocessor, dict):  # build in kdzoo's scope
+            data_preprocessor = MODELS.build(data_preprocessor)
+        super().__init__(data_preprocessor=data_preprocessor,
+                         init_cfg=init_cfg)
+        if not isinstance(student, dict) or 'backbone' not in student:
+            raise ConfigError('model.student must be dict(backbone=..., '
+                              'head=...)')
+        unknown = set(student) - {'backbone', 'head'}
+        if unknown:
+            raise ConfigError(f'model.student: unknown keys {sorted(unknown)}'
+                              '; expected backbone and head')
+        self.student = Student(student['backbone'], student.get('head'))
+        self.cls_loss_weight = float(cls_loss_weight)
+        self.test_cfg = dict(flip=True, **(test_cfg or {}))
+
+        self.teachers = nn.ModuleDict()
+        for name, cfg in (teachers or {}).items():
+            self._check_name(name, 'model.teachers')
+            try:
+                self.teachers[name] = TEACHERS.build(cfg)
+            except KeyError as e:
+                raise ConfigError(f'model.teachers.{name}: {e}') from None
+        mean = getattr(self.data_preprocessor, 'mean_value', 127.5)
+        std = getattr(self.data_preprocessor, 'std_value', 128.0)
+        for teacher in self.teachers.values():
+            teacher.set_source_normalization(mean, std)
+
+        self._connector_cfgs = dict(connectors or {})
+        self.connectors = nn.ModuleDict()
+        for name, cfg in self._connector_cfgs.items():
+            self._check_name(name, 'model.connectors')
+            self.connectors[name] = CONNECTORS.build(cfg)
+
+        self.distill_losses = nn.ModuleDict()
+        self._bindings: Dict[str, list] = OrderedDict()
+        for name, cfg in (distill_losses or {}).items():
+            self._add_loss(name, cfg)
+
+        self.recorder = TapRecorder()
+        self._register_taps()
+        self.input_size = tuple(input_size or getattr(
+            self.student.backbone, 'input_size', (112, 112)))
+        self._check_shapes()
+
+        # Teachers are never saved: drop them from state dicts, and fill
+        # them back in when loading so strict loads of our checkpoints work.
+        self._register_state_dict_hook(_drop_teacher_state)
+        self._register_load_state_dict_pre_hook(self._fill_teacher_state)
+
+    # ----------------------------------------------------------- building
+    @staticmethod
+    def _check_name(name, where):
+        if not str(name).isidentifier() or name in RESERVED_NAMES:
+            raise ConfigError(f'{where}: name {name!r} must be a Python '
+                              f'identifier and not one of {RESERVED_NAMES}')
+
+    @property
+    def _sources(self):
+        return ['student'] + list(self.teachers.keys())
+
+    def _add_loss(self, name: str, cfg: dict) -> None:
+        where = f'model.distill_losses.{name}'
+        if not isinstance(cfg, dict) or 'type' not in cfg:
+            raise ConfigError(f'{where} must be a dict with a "type"')
+        cfg = dict(cfg)
+        inputs = cfg.pop('inputs', None)
+        loss_type = cfg.get('type')
+        if LOSSES.get(loss_type) is None:
+            raise ConfigError(f'{where}: {loss_type!r} is not a registered '
+                              'loss.' + did_you_mean(
+                                  str(loss_type), LOSSES.module_dict) +
+                              ' See `kdzoo list losses`.')
+        try:
+            loss = LOSSES.build(cfg)
+        except TypeError as e:
+            accepted = _init_args(LOSSES.get(loss_type))
+            raise ConfigError(f'{where} ({loss_type}): {e}. Accepted '
+                              f'arguments: {accepted}') from None
+        params = _forward_params(loss)
+        if not isinstance(inputs, dict) or not inputs:
+            raise ConfigError(
+                f'{where} ({loss_type}) needs inputs=dict(...) binding its '
+                f'forward arguments {list(params)} to taps, e.g. '
+                f'inputs=dict({next(iter(params), "x")}="student.embedding")')
+        unknown = [a for a in inputs if a not in params]
+        if unknown:
+            raise ConfigError(f'{where} ({loss_type}): unknown argument(s) '
+                              f'{unknown} in inputs; {loss_type}.forward '
+                              f'takes {list(params)}')
+        missing = [a for a, p in params.items()
+                   if p.default is inspect.Parameter.empty and a not in inputs]
+        if missing:
+            raise ConfigError(f'{where} ({loss_type}): inputs lacks required '
+                              f'argument(s) {missing}; {loss_type}.forward '
+                              f'takes {list(params)}')
+        bindings = []
+        for arg, spec in inputs.items():
+            connector = None
+            if isinstance(spec, dict):
+                extra = set(spec) - {'tap', 'connector'}
+                if 'tap' not in spec or extra:
+                    raise ConfigError(f'{where}.inputs.{arg}: use a tap '
+                                      'string or dict(tap=..., connector=...)')
+                spec, connector = spec['tap'], spec.get('connector')
+                if connector is not None and connector not in self.connectors:
+                    raise ConfigError(
+                        f'{where}.inputs.{arg}: unknown connector '
+                        f'{connector!r}; declared connectors: '
+                        f'{list(self.connectors)}' +
+                        did_you_mean(connector, self.connectors))
+            tap = parse_tap(spec, self._sources, f'{where}.inputs.{arg}')
+            bindings.append(_Binding(arg, tap, connector))
+        self.distill_losses[name] = loss
+        self._bindings[name] = bindings
+
+    def _network(self, source: str) -> nn.Module:
+        if source == 'student':
+            return self.student.backbone
+        return self.teachers[source].network
+
+    def _stage_paths(self, source: str):
+        if source == 'student':
+            return getattr(self.student.backbone, 'stage_paths', ())
+        return self.teachers[source].stage_paths
+
+    def _register_taps(self) -> None:
+        seen = set()
+        self._module_taps = {}
+        for name, bindings in self._bindings.items():
+            for b in bindings:
+                tap = b.tap
+                where = f'model.distill_losses.{name}.inputs.{b.arg}'
+                if tap.target == 'logits':
+                    has_head = (self.student.head if tap.source == 'student'
+                                else self.teachers[tap.source].head)
+                    if has_head is None:
+                        raise ConfigError(f'{where}: {tap.text!r} needs a '
+                                          f'head on {tap.source}')
+                if not tap.is_module or tap.text in seen:
+                    continue
+                seen.add(tap.text)
+                path = resolve_module_path(tap, self._network(tap.source),
+                                           self._stage_paths(tap.source),
+                                           where)
+                module = self._network(tap.source).get_submodule(path)
+                self.recorder.add(tap.text, module, tap.record_input)
+                self._module_taps[tap.text] = path
+
+    @property
+    def _used_teachers(self):
+        return [t for t in self.teachers
+                if any(b.tap.source == t for bs in self._bindings.values()
+                       for b in bs)]
+
+    def _check_shapes(self) -> None:
+        """One forward on zeros to resolve every tap's shape, then validate."""
+        if not self._bindings:
+            return
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                probe = torch.zeros(2, 3, *self.input_size)
+                data = dict(label=torch.zeros(2, dtype=torch.long),
+                            age=torch.zeros(2, dtype=torch.long),
+                            index=torch.arange(2))
+                values = self._collect(probe, data, build=True)
+                for name, bindings in self._bindings.items():
+                    shapes = {b.arg: values[b.key].shape for b in bindings}
+                    try:
+                        self.distill_losses[name].check_shapes(shapes)
+                    except (ValueError, KeyError) as e:
+                        bound = ', '.join(f'{b.arg} <- {b.describe()}'
+                                          for b in bindings)
+                        raise ConfigError(
+                            f'model.distill_losses.{name} '
+                            f'({type(self.distill_losses[name]).__name__}): '
+                            f'{e} [bound: {bound}]') from None
+        finally:
+            self.recorder.active = False
+            self.recorder.clear()
+            self.train(was_training)
+
+    # ----------------------------------------------------------- forward
+    def _collect(self, inputs: torch.Tensor, data: dict,
+                 build: bool = False,
+                 s_emb: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """Run the models the losses need and return every bound tensor."""
+        self.recorder.active = True
+        values: Dict[str, torch.Tensor] = {}
+        if s_emb is None:
+            s_emb = self.student.backbone(inputs)
+        outputs = {'student.embedding': s_emb}
+        for name in self._used_teachers:
+            teacher = self.teachers[name]
+            with torch.no_grad():
+                t_emb = teacher(inputs)
+                outputs[f'{name}.embedding'] = t_emb
+                if teacher.head is not None:
+                    outputs[f'{name}.logits'] = teacher.logits(t_emb)
+        for bindings in self._bindings.values():
+            for b in bindings:
+                if b.key in values:
+                    continue
+                tap = b.tap
+                if tap.source == 'data':
+                    value = data[tap.target]
+                elif tap.target == 'logits' and tap.source == 'student':
+                    value = outputs.get('student.logits')
+                    if value is None:
+                        value = outputs['student.logits'] = \
+                            self.student.head(s_emb)
+                elif tap.target in ('embedding', 'logits'):
+                    value = outputs[f'{tap.source}.{tap.target}']
+                else:
+                    value = self.recorder.get(tap.text)
+                    if value is None:
+                        raise RuntimeError(
+                            f'tap {tap.text!r} recorded nothing: module '
+                            f'{self._module_taps[tap.text]!r} did not run in '
+                            "the forward pass")
+                if b.connector is not None:
+                    connector = self.connectors[b.connector]
+                    if build:
+                        try:
+                            connector.build_for(value.shape)
+                        except ValueError as e:
+                            raise ConfigError(
+                                f'model.connectors.{b.connector} on '
+                                f'{tap.text!r}: {e}') from None
+                    value = connector(value)
+                values[b.key] = value
+        return values
+
+    def forward(self, inputs: torch.Tensor, data_samples=None,
+                mode: str = 'tensor'):
+        if mode == 'loss':
+            return self.loss(inputs, data_samples)
+        if mode == 'predict':
+            return self.predict(inputs, data_samples)
+        if mode == 'tensor':
+            return self.student.backbone(inputs)
+        raise ValueError(f'FaceDistiller: unknown mode {mode!r}')
+
+    def loss(self, inputs: torch.Tensor, data_samples: dict) -> dict:
+        if self.student.head is None and not self._bindings:
+            raise ConfigError('nothing to train: the student has no head and '
+                              'there are no distill_losses')
+        labels = data_samples['label']
+        losses = OrderedDict()
+        try:
+            s_emb = self.student.backbone(inputs)
+            if self.student.head is not None:
+                for key, value in self.student.head.loss(s_emb, labels).items():
+                    losses[key] = value * self.cls_loss_weight
+            if self._bindings:
+                values = self._collect(inputs, data_samples, s_emb=s_emb)
+                for name, bindings in self._bindings.items():
+                    kwargs = {b.arg: values[b.key] for b in bindings}
+                    key = name if name.startswith('loss') else f'loss_{name}'
+                    losses[key] = self.distill_losses[name](**kwargs)
+        finally:
+            self.recorder.active = False
+            self.recorder.clear()
+        return losses
+
+    @torch.no_grad()
+    def embed(self, inputs: torch.Tensor, flip: Optional[bool] = None):
+        """Student embeddings; flip-sum (image + mirror) when ``flip``."""
+        flip = self.test_cfg.get('flip', True) if flip is None else flip
+        emb = self.student.backbone(inputs)
+        if flip:
+            emb = emb + self.student.backbone(torch.flip(inputs, dims=[3]))
+        return emb
+
+    def predict(self, inputs: torch.Tensor, data_samples=None) -> list:
+        emb = self.embed(inputs).float().cpu()
+        index = data_samples['index'] if data_samples is not None else \
+            torch.arange(len(emb))
+        return [dict(index=int(i), embedding=e) for i, e in zip(index, emb)]
+
+    # ----------------------------------------------------------- state
+    def _fill_teacher_state(self, state_dict, prefix, *args):
+        for key, value in self.teachers.state_dict(
+                prefix=prefix + 'teachers.').items():
+            state_dict.setdefault(key, value)
+
+
+def _drop_teacher_state(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(prefix + 'teachers.')]:
+        del state_dict[key]
+    return state_dict
+
+
+def _forward_params(loss: nn.Module) -> Dict[str, inspect.Parameter]:
+    sig = inspect.signature(loss.forward)
+    return OrderedDict(
+        (n, p) for n, p in sig.parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _init_args(cls) -> list:
+    return [n for n, p in inspect.signature(cls.__init__).parameters.items()
+            if n != 'self' and p.kind not in (p.VAR_POSITIONAL,
+                                              p.VAR_KEYWORD)]

@@ -1,0 +1,93 @@
+"""The runner's own checkpoints: atomic writes and an explicit load policy.
+
+torch >= 2.6 loads with ``weights_only=True`` by default, which refuses the
+non-tensor objects mmengine 0.10.7 stores in resume checkpoints (the message
+hub's ``HistoryBuffer``, numpy scalars/arrays). kdzoo does not switch the
+policy off: it loads its own checkpoints with ``weights_only=True`` plus this
+allow-list of the exact classes those checkpoints hold, so a checkpoint that
+carries anything else (e.g. code) is still refused.
+"""
+import contextlib
+import glob
+import os
+import re
+from typing import Optional
+
+import numpy as np
+import torch
+from mmengine.fileio import register_backend
+from mmengine.fileio.backends import LocalBackend
+from mmengine.logging.history_buffer import HistoryBuffer
+
+from kdzoo.utils import atomic_write_bytes, atomic_write_text
+
+
+def _numpy_globals():
+    names = [np.ndarray, np.dtype]
+    names += [type(np.dtype(t)) for t in (
+        'float16', 'float32', 'float64', 'int8', 'int16', 'int32', 'int64',
+        'uint8', 'uint16', 'uint32', 'uint64', 'bool')]
+    try:  # the array reconstructor moved in numpy 2
+        from numpy._core.multiarray import _reconstruct, scalar
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct, scalar
+    names += [_reconstruct, scalar]
+    return names
+
+
+RUNNER_CHECKPOINT_ALLOWLIST = [HistoryBuffer] + _numpy_globals()
+
+
+@contextlib.contextmanager
+def runner_checkpoint_policy():
+    """Load runner checkpoints with weights_only=True + the allow-list."""
+    with torch.serialization.safe_globals(RUNNER_CHECKPOINT_ALLOWLIST):
+        yield
+
+
+@register_backend('kdzoo_atomic')
+class AtomicLocalBackend(LocalBackend):
+    """mmengine local file backend whose writes are atomic (temp + rename)."""
+
+    def put(self, obj: bytes, filepath) -> None:
+        atomic_write_bytes(str(filepath), obj)
+
+    def put_text(self, obj: str, filepath, encoding: str = 'utf-8') -> None:
+        atomic_write_bytes(str(filepath), obj.encode(encoding))
+
+
+_CKPT_NUMBER = re.compile(r'(?:epoch|iter)_(\d+)\.pth$')
+
+
+def _loadable(path: str) -> bool:
+    try:
+        with runner_checkpoint_policy():
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        return isinstance(ckpt, dict) and 'state_dict' in ckpt
+    except Exception:  # noqa: BLE001 - any failure means "not usable"
+        return False
+
+
+def find_resume_checkpoint(work_dir: str) -> Optional[str]:
+    """The newest complete checkpoint in ``work_dir``, or ``None``.
+
+    ``last_checkpoint`` is trusted only if the file it names loads; otherwise
+    ``epoch_*.pth``/``iter_*.pth`` are tried newest first, so a run killed
+    while writing resumes from the last checkpoint that was fully written.
+    """
+    pointer = os.path.join(work_dir, 'last_checkpoint')
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            named = f.read().strip()
+        if named and os.path.isfile(named) and _loadable(named):
+            return named
+    candidates = []
+    for path in glob.glob(os.path.join(work_dir, '*.pth')):
+        m = _CKPT_NUMBER.search(os.path.basename(path))
+        if m:
+            candidates.append((int(m.group(1)), path))
+    for _, path in sorted(candidates, reverse=True):
+        if _loadable(path):
+            atomic_write_text(pointer, path)
+            return path
+    return None

@@ -1,0 +1,159 @@
+"""Runner glue: build an mmengine runner from a recipe, train, test, record."""
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from typing import Optional
+
+import torch
+from mmengine.config import Config
+from mmengine.runner import Runner
+
+from kdzoo.utils import atomic_write_json, load_module_weights
+from kdzoo.version import __version__
+from .checkpoint import find_resume_checkpoint, runner_checkpoint_policy
+from .validate import validate_config
+
+
+class KdzooRunner(Runner):
+    """mmengine ``Runner`` with kdzoo's checkpoint policy and quiet console.
+
+    - checkpoints load with ``weights_only=True`` and the allow-list of
+      ``kdzoo.engine.checkpoint`` (works on torch >= 2.6);
+    - the console shows warnings only (rich progress bars show progress);
+      the work dir's log file keeps the full INFO log.
+    """
+
+    console_level = logging.WARNING
+
+    def build_logger(self, log_level='INFO', log_file=None, **kwargs):
+        logger = super().build_logger(log_level=log_level, log_file=log_file,
+                                      **kwargs)
+        for handler in logger.handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.setLevel(max(handler.level, self.console_level))
+        return logger
+
+    def load_checkpoint(self, filename, map_location='cpu', strict=False,
+                        revise_keys=[(r'^module.', '')]):
+        with runner_checkpoint_policy():
+            return super().load_checkpoint(filename, map_location, strict,
+                                           revise_keys)
+
+
+def load_recipe(path: str, cfg_options: Optional[dict] = None,
+                work_dir: Optional[str] = None) -> Config:
+    """Read a recipe, apply ``--cfg-options``, set the work dir, validate."""
+    if not os.path.isfile(path):
+        from kdzoo.utils import ConfigError
+        raise ConfigError(f'recipe not found: {path!r}')
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    if work_dir:
+        cfg.work_dir = work_dir
+    elif not cfg.get('work_dir'):
+        cfg.work_dir = os.path.join(
+            'work_dirs', os.path.splitext(os.path.basename(path))[0])
+    cfg.setdefault('default_scope', 'kdzoo')
+    validate_config(cfg, source=path)
+    return cfg
+
+
+def config_hash(cfg: Config) -> str:
+    """SHA-256 of the resolved config, ignoring where the run is written."""
+    data = cfg.to_dict()
+    for key in ('work_dir', 'resume', 'load_from', 'launcher'):
+        data.pop(key, None)
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _count_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _environment() -> dict:
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+              else f'cpu ({platform.processor() or platform.machine()}, '
+              f'{os.cpu_count()} cores)')
+    import mmengine
+    return dict(device=device, torch=torch.__version__,
+                mmengine=mmengine.__version__, kdzoo=__version__,
+                python=platform.python_version())
+
+
+def train_recipe(cfg: Config, resume: bool = False,
+                 run_test: bool = True) -> dict:
+    """Train (and test) the recipe; write ``results.json`` in the work dir."""
+    if resume:
+        ckpt = find_resume_checkpoint(cfg.work_dir)
+        cfg.resume = ckpt is not None
+        cfg.load_from = ckpt
+    t0 = time.time()
+    runner = KdzooRunner.from_cfg(cfg)
+    runner.train()
+    train_time = time.time() - t0
+    metrics, test_time = {}, 0.0
+    if run_test and cfg.get('test_dataloader'):
+        t1 = time.time()
+        metrics = runner.test()
+        test_time = time.time() - t1
+    return write_results(runner, cfg, metrics, train_time, test_time)
+
+
+def test_recipe(cfg: Config, checkpoint: Optional[str] = None) -> dict:
+    """Evaluate the recipe's student, optionally from ``checkpoint``.
+
+    ``checkpoint`` is a runner checkpoint (``epoch_N.pth``) or a bare
+    backbone state dict (``backbone.pth``, insightface layout).
+    """
+    runner = KdzooRunner.from_cfg(cfg)
+    if checkpoint:
+        model = runner.model.module if hasattr(runner.model, 'module') \
+            else runner.model
+        if _is_runner_checkpoint(checkpoint):
+            runner.load_checkpoint(checkpoint)
+        else:
+            load_module_weights(model.student.backbone, checkpoint,
+                                what='student backbone checkpoint')
+    t0 = time.time()
+    metrics = runner.test()
+    return write_results(runner, cfg, metrics, 0.0, time.time() - t0,
+                         filename='test_results.json')
+
+
+def _is_runner_checkpoint(path: str) -> bool:
+    from kdzoo.utils import load_weights_file
+    try:
+        with runner_checkpoint_policy():
+            obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception:  # noqa: BLE001 - let the weights loader explain
+        load_weights_file(path, 'checkpoint')
+        raise
+    return isinstance(obj, dict) and 'state_dict' in obj and 'meta' in obj
+
+
+def write_results(runner, cfg, metrics, train_time, test_time,
+                  filename: str = 'results.json') -> dict:
+    model = runner.model.module if hasattr(runner.model, 'module') \
+        else runner.model
+    train_cfg = cfg.get('train_cfg') or {}
+    loader = cfg.get('train_dataloader') or {}
+    record = dict(
+        name=cfg.get('experiment_name') or os.path.basename(cfg.work_dir),
+        config_hash=config_hash(cfg),
+        metrics={k: float(v) for k, v in (metrics or {}).items()},
+        student_params=_count_params(model.student.backbone),
+        teachers=list(getattr(model, 'teachers', {}).keys()),
+        seed=(cfg.get('randomness') or {}).get('seed'),
+        epochs=train_cfg.get('max_epochs'),
+        batch_size=loader.get('batch_size'),
+        train_time_s=round(train_time, 2),
+        test_time_s=round(test_time, 2),
+        work_dir=cfg.work_dir,
+        **_environment())
+    atomic_write_json(os.path.join(cfg.work_dir, filename), record)
+    return record

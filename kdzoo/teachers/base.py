@@ -1,0 +1,108 @@
+"""Frozen teachers: eval mode, no gradient, never optimised or saved."""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdzoo.utils import ConfigError
+
+Number = Union[float, Sequence[float]]
+
+
+def _as_channel_tensor(value: Number, name: str) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if t.numel() == 1:
+        t = t.repeat(3)
+    if t.numel() != 3:
+        raise ConfigError(f'teacher {name} must be a number or 3 numbers '
+                          f'(RGB), got {value!r}')
+    return t.view(1, 3, 1, 1)
+
+
+class FrozenTeacher(nn.Module):
+    """A pretrained network used as a frozen teacher.
+
+    - always in eval mode (``train()`` keeps it frozen, BN statistics fixed);
+    - every parameter has ``requires_grad=False``, so the distiller's
+      optimizer never sees it; the distiller also drops it from checkpoints;
+    - ``forward(x)`` takes the batch as normalised for the *student*
+      (``set_source_normalization``), converts it to this teacher's own
+      normalisation (``mean``/``std`` on 0-255 pixels) and input size, and
+      returns the embedding. Call it under ``torch.no_grad()`` for targets;
+      gradients flow through it (weights fixed) when a loss needs that.
+
+    Args:
+        network: module mapping the teacher's input to a B×D embedding.
+        head: optional margin head (gives ``<teacher>.logits``).
+        mean, std: the teacher's input normalisation, on 0-255 RGB pixels.
+        input_size: (H, W) the teacher expects; the batch is resized
+            bilinearly when it differs. ``None`` keeps the batch size.
+        stage_paths: module paths of stage 1..4 outputs inside ``network``
+            (defaults to ``network.stage_paths`` when it has them).
+    """
+
+    def __init__(self, network: nn.Module, head: Optional[nn.Module] = None,
+                 mean: Number = 127.5, std: Number = 128.0,
+                 input_size: Optional[Tuple[int, int]] = None,
+                 stage_paths: Optional[Sequence[str]] = None):
+        super().__init__()
+        self.network = network
+        self.head = head
+        self.register_buffer('mean', _as_channel_tensor(mean, 'mean'),
+                             persistent=False)
+        self.register_buffer('std', _as_channel_tensor(std, 'std'),
+                             persistent=False)
+        self.register_buffer('src_mean', self.mean.clone(), persistent=False)
+        self.register_buffer('src_std', self.std.clone(), persistent=False)
+        self.input_size = tuple(input_size) if input_size else None
+        if stage_paths is None:
+            stage_paths = getattr(network, 'stage_paths', ())
+        self.stage_paths = tuple(stage_paths)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True):
+        """Teachers stay in eval mode whatever the caller asks."""
+        return super().train(False)
+
+    def set_source_normalization(self, mean: Number, std: Number) -> None:
+        """Declare how the incoming batch was normalised (the student's)."""
+        self.src_mean.copy_(_as_channel_tensor(mean, 'source mean'))
+        self.src_std.copy_(_as_channel_tensor(std, 'source std'))
+
+    @property
+    def embedding_size(self) -> Optional[int]:
+        return getattr(self.network, 'embedding_size', None)
+
+    def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Student-normalised batch -> this teacher's normalisation/size."""
+        if not (torch.equal(self.src_mean, self.mean)
+                and torch.equal(self.src_std, self.std)):
+            pixels = x * self.src_std.to(x.dtype) + self.src_mean.to(x.dtype)
+            x = (pixels - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        if self.input_size and tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode='bilinear',
+                              align_corners=False)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(self.adapt_input(x))
+
+    def logits(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Margin-free logits ``s*cos`` from the teacher's head."""
+        if self.head is None:
+            raise ConfigError('this teacher has no head, so it has no logits; '
+                              'give it head=dict(...) and head_checkpoint=...')
+        return self.head(embedding)
+
+    def stage_path(self, i: int) -> str:
+        """Module path of stage ``i`` (1-based) inside ``network``."""
+        if not 1 <= i <= len(self.stage_paths):
+            raise ConfigError(
+                f'teacher has {len(self.stage_paths)} known stages '
+                f'({list(self.stage_paths)}), so stage{i} does not exist; give '
+                'the teacher stage_paths=[...] (module paths of its stage '
+                'outputs)')
+        return self.stage_paths[i - 1]
