@@ -245,8 +245,11 @@ class FaceDistiller(BaseModel):
                 values = self._collect(probe, data, build=True)
                 for name, bindings in self._bindings.items():
                     shapes = {b.arg: values[b.key].shape for b in bindings}
+                    check = getattr(self.distill_losses[name], 'check_shapes',
+                                    None)
                     try:
-                        self.distill_losses[name].check_shapes(shapes)
+                        if check is not None:
+                            check(shapes)
                     except (ValueError, KeyError) as e:
                         bound = ', '.join(f'{b.arg} <- {b.describe()}'
                                           for b in bindings)
@@ -326,6 +329,7 @@ class FaceDistiller(BaseModel):
                               'there are no distill_losses')
         labels = data_samples['label']
         losses = OrderedDict()
+        self.recorder.active = bool(self._bindings)
         try:
             s_emb = self.student.backbone(inputs)
             if self.student.head is not None:

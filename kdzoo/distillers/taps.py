@@ -79,7 +79,9 @@ def resolve_module_path(tap: Tap, network: nn.Module,
         path = stage_paths[i - 1]
     names = dict(network.named_modules())
     if path not in names or path == '':
-        near = did_you_mean(path, [n for n in names if n])
+        near = did_you_mean(path, [n for n in names if n]) or (
+            ' Did you mean one of its top-level modules: '
+            f'{[n for n, _ in network.named_children()]}?')
         raise ConfigError(
             f'{where}: {tap.text!r}: no module {path!r} in {tap.source} '
             f'({type(network).__name__}).{near} Stages: '
