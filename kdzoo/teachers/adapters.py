@@ -73,6 +73,8 @@ class OnnxTeacher(FrozenTeacher):
             dict(type='OnnxBackbone', file=file, input_size=input_size,
                  embedding_size=embedding_size,
                  stage_paths=tuple(stage_paths or ())))
+        # the backbone stores its stage paths with the graph's prefix
         super().__init__(network, None, mean=mean, std=std,
-                         input_size=input_size, stage_paths=stage_paths)
+                         input_size=input_size,
+                         stage_paths=network.stage_paths)
         self.file = file

@@ -1,0 +1,142 @@
+"""The contract every kdzoo backbone follows, and shared argument checks.
+
+A backbone maps a normalised float batch ``B×3×H×W`` to embeddings ``B×D``
+(not L2-normalised) and exposes:
+
+* ``embedding_size`` (D) and ``input_size`` ((H, W) it was built for);
+* ``stage_paths``: module paths (as in ``named_modules()``) whose forward
+  outputs are the stage 1..4 feature maps, so distillers can hook them;
+  ``stage_path(i)`` returns the i-th (1-based) with a clear error.
+"""
+import math
+from collections import OrderedDict
+from typing import Dict, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from kdzoo.utils import ConfigError
+
+
+class BaseBackbone(nn.Module):
+    """Base class of face backbones: B×3×H×W images to B×D embeddings."""
+
+    embedding_size: int
+    input_size: Tuple[int, int]
+    stage_paths: Tuple[str, ...] = ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stage_path(self, i: int) -> str:
+        """Module path whose output is stage ``i`` (1-based)."""
+        n = len(self.stage_paths)
+        if isinstance(i, bool) or not isinstance(i, int) or not 1 <= i <= n:
+            raise ConfigError(
+                f'{type(self).__name__} has {n} stages '
+                f'{list(self.stage_paths)}, so stage {i!r} does not exist; '
+                f'use 1..{n} or a module path from named_modules()')
+        return self.stage_paths[i - 1]
+
+    def module_names(self) -> Tuple[str, ...]:
+        """All submodule paths (candidates for taps and ``stage_paths``)."""
+        return tuple(name for name, _ in self.named_modules() if name)
+
+    @torch.no_grad()
+    def feature_shapes(self, batch_size: int = 1
+                       ) -> Dict[str, Tuple[int, ...]]:
+        """Output shape of every submodule on a zero batch, in call order.
+
+        Helps choose ``stage_paths``: the last module at each spatial size
+        is usually the stage output. Runs in eval mode and restores the mode.
+        """
+        shapes: Dict[str, Tuple[int, ...]] = OrderedDict()
+
+        def record(name):
+            def hook(_module, _inputs, output):
+                if torch.is_tensor(output):
+                    shapes.pop(name, None)  # keep the last call's position
+                    shapes[name] = tuple(output.shape)
+            return hook
+
+        handles = [m.register_forward_hook(record(n))
+                   for n, m in self.named_modules() if n]
+        was_training = self.training
+        self.eval()
+        try:
+            param = next(self.parameters(), None)
+            device = param.device if param is not None else 'cpu'
+            self(torch.zeros(batch_size, 3, *self.input_size, device=device))
+        finally:
+            for h in handles:
+                h.remove()
+            self.train(was_training)
+        return shapes
+
+    def extra_repr(self) -> str:
+        return (f'embedding_size={self.embedding_size}, '
+                f'input_size={tuple(self.input_size)}')
+
+
+def check_positive_int(owner: str, name: str, value) -> int:
+    """``value`` as an int >= 1, or ``ConfigError`` naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f'{owner}: {name} must be a positive integer, '
+                          f'got {value!r}')
+    return int(value)
+
+
+def check_int_tuple(owner: str, name: str, value, length: int,
+                    minimum: int = 1) -> Tuple[int, ...]:
+    """A sequence of ``length`` ints >= ``minimum``, or ``ConfigError``."""
+    ok = isinstance(value, Sequence) and not isinstance(value, str) \
+        and len(value) == length and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+            for v in value)
+    if not ok:
+        raise ConfigError(f'{owner}: {name} must be {length} integers >= '
+                          f'{minimum}, got {value!r}')
+    return tuple(int(v) for v in value)
+
+
+def check_fraction(owner: str, name: str, value) -> float:
+    """A probability in [0, 1), or ``ConfigError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0 <= value < 1:
+        raise ConfigError(f'{owner}: {name} must be a number in [0, 1), '
+                          f'got {value!r}')
+    return float(value)
+
+
+def check_width_mult(owner: str, value) -> float:
+    """A finite positive channel multiplier, or ``ConfigError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f'{owner}: width_mult must be a positive number, '
+                          f'got {value!r}')
+    return float(value)
+
+
+def scaled_width(channels: int, width_mult: float, minimum: int = 4) -> int:
+    """``channels * width_mult`` rounded, at least ``minimum``."""
+    return max(minimum, int(round(channels * width_mult)))
+
+
+def check_input_size(owner: str, value, divisor: int = 1) -> Tuple[int, int]:
+    """``(H, W)`` from an int or a pair; each a positive multiple of
+    ``divisor`` (the network's total stride), else ``ConfigError``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    ok = isinstance(value, Sequence) and not isinstance(value, str) \
+        and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0
+            for v in value)
+    if not ok:
+        raise ConfigError(f'{owner}: input_size must be (H, W) positive '
+                          f'integers or one integer, got {value!r}')
+    if any(v % divisor for v in value):
+        raise ConfigError(
+            f'{owner}: input_size {tuple(value)} must be divisible by '
+            f'{divisor} (the network downsamples by {divisor}); e.g. '
+            f'{tuple(max(divisor, v // divisor * divisor) for v in value)}')
+    return int(value[0]), int(value[1])
