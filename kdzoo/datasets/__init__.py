@@ -1,4 +1,5 @@
 """Datasets, samplers and transforms for face recognition."""
+from .bin_dataset import InsightFaceBinDataset
 from .transforms import PackFaceInputs, RandomHorizontalFlip
 
-__all__ = ['PackFaceInputs', 'RandomHorizontalFlip']
+__all__ = ['PackFaceInputs', 'RandomHorizontalFlip', 'InsightFaceBinDataset']
