@@ -1,5 +1,7 @@
 """Datasets, samplers and transforms for face recognition."""
 from .bin_dataset import InsightFaceBinDataset
+from .synthface import SynthFaceAge
 from .transforms import PackFaceInputs, RandomHorizontalFlip
 
-__all__ = ['PackFaceInputs', 'RandomHorizontalFlip', 'InsightFaceBinDataset']
+__all__ = ['PackFaceInputs', 'RandomHorizontalFlip', 'InsightFaceBinDataset',
+           'SynthFaceAge']
