@@ -1,0 +1,125 @@
+"""``kdzoo evaluate``: a pretrained model on InsightFace ``.bin`` sets."""
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from kdzoo.utils import ConfigError, atomic_write_json, load_module_weights
+
+
+def build_pretrained(model: str, backbone_cfg: Optional[dict] = None):
+    """An ``.onnx`` file, or a ``.pth`` state dict with a backbone config."""
+    from kdzoo.registry import BACKBONES
+    if not os.path.isfile(model):
+        raise ConfigError(f'--model: file not found: {model!r}')
+    if model.endswith('.onnx'):
+        return BACKBONES.build(dict(type='OnnxBackbone', file=model))
+    if backbone_cfg is None:
+        raise ConfigError(f'--model {model!r} is a weights file: say which '
+                          'backbone it is, e.g. --backbone \'{"type": '
+                          '"IResNet", "depth": 50}\'')
+    network = BACKBONES.build(backbone_cfg)
+    load_module_weights(network, model, what='--model weights')
+    return network
+
+
+@torch.no_grad()
+def embed_dataset(network, dataset, flip: bool = True, batch_size: int = 128,
+                  mean: float = 127.5, std: float = 128.0, device=None,
+                  progress: Optional[str] = None):
+    """Flip-sum embeddings of every image: a list of {'index','embedding'}."""
+    from mmengine.dataset import default_collate
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    network = network.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                        collate_fn=default_collate,
+                        num_workers=min(2, os.cpu_count() or 1))
+    outputs = []
+    bar = _progress(progress, len(loader))
+    for batch in loader:
+        x = (batch['inputs'].to(device).float() - mean) / std
+        emb = network(x)
+        if flip:
+            emb = emb + network(torch.flip(x, dims=[3]))
+        emb = emb.float().cpu()
+        outputs += [dict(index=int(i), embedding=e)
+                    for i, e in zip(batch['data_samples']['index'], emb)]
+        bar.advance()
+    bar.stop()
+    return outputs
+
+
+class _progress:
+    """A rich progress bar on terminals, silent elsewhere."""
+
+    def __init__(self, description, total):
+        from rich.console import Console
+        from rich.progress import Progress
+        console = Console(stderr=True)
+        self.bar = Progress(console=console,
+                            disable=not (description and console.is_terminal))
+        self.task = self.bar.add_task(description or '', total=total)
+        self.bar.start()
+
+    def advance(self):
+        self.bar.update(self.task, advance=1)
+
+    def stop(self):
+        self.bar.stop()
+
+
+def evaluate_pretrained(model: str, bins: Sequence[str],
+                        backbone_cfg: Optional[dict] = None,
+                        flip: bool = True, out: Optional[str] = None,
+                        batch_size: int = 128, mean: float = 127.5,
+                        std: float = 128.0) -> dict:
+    """Evaluate on each ``.bin``; print a table; optionally write JSON.
+
+    JSON layout: ``{<bin stem>: {"accuracy": %, "accuracy_std": %,
+    "threshold": ..., "roc_auc": ..., "tar_at_far": {"1e-3": ...}}}``.
+    """
+    from kdzoo.datasets import InsightFaceBinDataset
+    from .metrics import FaceVerificationMetric
+    network = build_pretrained(model, backbone_cfg)
+    results = {}
+    for path in bins:
+        dataset = InsightFaceBinDataset(ann_file=path)
+        protocol = next(iter(dataset.metainfo['verification']))
+        outputs = embed_dataset(network, dataset, flip, batch_size, mean,
+                                std, progress=f'embed {protocol}')
+        metric = FaceVerificationMetric()
+        metric.dataset_meta = dataset.metainfo
+        metric.process({}, outputs)
+        flat = metric.compute_metrics(metric.results)
+        entry = dict(tar_at_far={})
+        for key, value in flat.items():
+            name = key.split('/', 1)[1]
+            if name.startswith('TAR@FAR='):
+                entry['tar_at_far'][name[len('TAR@FAR='):]] = value
+            else:
+                entry[name] = value
+        results[protocol] = entry
+    _print(results, model, flip)
+    if out:
+        atomic_write_json(out, results)
+        print(f'results: {out}')
+    return results
+
+
+def _print(results, model, flip):
+    from rich.console import Console
+    from rich.table import Table
+    fars = sorted({f for r in results.values() for f in r['tar_at_far']},
+                  key=float, reverse=True)
+    table = Table(title=f'{os.path.basename(model)} '
+                  f'({"flip-sum" if flip else "no flip"}, 10-fold)')
+    for h in ['set', 'accuracy %', '± std', 'threshold', 'ROC AUC'] + \
+            [f'TAR@FAR={f}' for f in fars]:
+        table.add_column(h, justify='right')
+    for name, r in results.items():
+        table.add_row(name, f'{r["accuracy"]:.2f}', f'{r["accuracy_std"]:.2f}',
+                      f'{r["threshold"]:.3f}', f'{r["roc_auc"]:.4f}',
+                      *[f'{r["tar_at_far"][f]:.4f}' if f in r['tar_at_far']
+                        else '–' for f in fars])
+    Console().print(table)
