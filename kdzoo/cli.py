@@ -69,9 +69,9 @@ def cmd_list(args):
     if args.json:
         print(json.dumps(table, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
-    console = Console()
+    from kdzoo.evaluation.report import console as rich_console
+    console = rich_console()
     for kind, entries in table.items():
         t = Table(title=f'{kind} ({len(entries)})', title_justify='left',
                   show_header=False)

@@ -59,7 +59,7 @@ class RichProgressHook(Hook):
             return
         info = ''
         if self.show_losses and outputs:
-            info = ' '.join(f'{k.replace("loss_", "")}={float(v):.3f}'
+            info = ' '.join(f'{k.replace("loss_", "")}={float(v.detach() if hasattr(v, "detach") else v):.3f}'
                             for k, v in outputs.items() if 'loss' in k)
         self._progress.update(self._task, advance=1, info=info)
 

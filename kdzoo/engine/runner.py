@@ -17,6 +17,16 @@ from .checkpoint import find_resume_checkpoint, runner_checkpoint_policy
 from .validate import validate_config
 
 
+# mmengine 0.10.7 deprecation notices that users can do nothing about.
+_BENIGN = ('"FileClient" will be deprecated',
+           '"HardDiskBackend" is the alias of "LocalBackend"')
+
+
+class _DropBenign(logging.Filter):
+    def filter(self, record):
+        return not any(b in record.getMessage() for b in _BENIGN)
+
+
 class KdzooRunner(Runner):
     """mmengine ``Runner`` with kdzoo's checkpoint policy and quiet console.
 
@@ -34,6 +44,7 @@ class KdzooRunner(Runner):
         for handler in logger.handlers:
             if type(handler) is logging.StreamHandler:
                 handler.setLevel(max(handler.level, self.console_level))
+                handler.addFilter(_DropBenign())
         return logger
 
     def load_checkpoint(self, filename, map_location='cpu', strict=False,
@@ -51,7 +62,9 @@ def load_recipe(path: str, cfg_options: Optional[dict] = None,
         raise ConfigError(f'recipe not found: {path!r}')
     cfg = Config.fromfile(path)
     if cfg_options:
+        epochs = (cfg.get('train_cfg') or {}).get('max_epochs')
         cfg.merge_from_dict(cfg_options)
+        _sync_schedule(cfg, epochs)
     if work_dir:
         cfg.work_dir = work_dir
     elif not cfg.get('work_dir'):
@@ -60,6 +73,20 @@ def load_recipe(path: str, cfg_options: Optional[dict] = None,
     cfg.setdefault('default_scope', 'kdzoo')
     validate_config(cfg, source=path)
     return cfg
+
+
+def _sync_schedule(cfg: Config, old_epochs) -> None:
+    """When ``train_cfg.max_epochs`` is overridden, move scheduler ends that
+    were tied to the old value, so the LR schedule still spans the run."""
+    new_epochs = (cfg.get('train_cfg') or {}).get('max_epochs')
+    if old_epochs is None or new_epochs == old_epochs:
+        return
+    schedulers = cfg.get('param_scheduler') or []
+    for sched in schedulers if isinstance(schedulers, list) else [schedulers]:
+        if sched.get('by_epoch', True) and sched.get('end') == old_epochs:
+            sched['end'] = new_epochs
+            if sched.get('T_max') == old_epochs - sched.get('begin', 0):
+                sched['T_max'] = new_epochs - sched.get('begin', 0)
 
 
 def config_hash(cfg: Config) -> str:

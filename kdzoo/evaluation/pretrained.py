@@ -34,11 +34,12 @@ def embed_dataset(network, dataset, flip: bool = True, batch_size: int = 128,
     network = network.to(device).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False,
                         collate_fn=default_collate,
-                        num_workers=min(2, os.cpu_count() or 1))
+                        num_workers=0)  # decoding is cheap; avoid contention
     outputs = []
     bar = _progress(progress, len(loader))
     for batch in loader:
         x = (batch['inputs'].to(device).float() - mean) / std
+        x = x.contiguous(memory_format=torch.channels_last)
         emb = network(x)
         if flip:
             emb = emb + network(torch.flip(x, dims=[3]))
@@ -108,7 +109,6 @@ def evaluate_pretrained(model: str, bins: Sequence[str],
 
 
 def _print(results, model, flip):
-    from rich.console import Console
     from rich.table import Table
     fars = sorted({f for r in results.values() for f in r['tar_at_far']},
                   key=float, reverse=True)
@@ -122,4 +122,5 @@ def _print(results, model, flip):
                       f'{r["threshold"]:.3f}', f'{r["roc_auc"]:.4f}',
                       *[f'{r["tar_at_far"][f]:.4f}' if f in r['tar_at_far']
                         else '–' for f in fars])
-    Console().print(table)
+    from .report import console
+    console().print(table)

@@ -72,10 +72,16 @@ def comparison_markdown(records: Sequence[dict],
     return '\n'.join(lines) + '\n'
 
 
+def console():
+    """A rich console; wide when writing to a file or a CI log."""
+    from rich.console import Console
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
 def print_comparison(records: Sequence[dict],
                      columns: Optional[Sequence[Column]] = None,
                      title: str = 'comparison') -> None:
-    from rich.console import Console
     from rich.table import Table
     columns = list(columns or default_columns(records))
     table = Table(title=title)
@@ -83,16 +89,15 @@ def print_comparison(records: Sequence[dict],
         table.add_column(h, justify='left' if i < 2 else 'right')
     for row in _rows(records, columns):
         table.add_row(*row)
-    Console().print(table)
+    console().print(table)
 
 
 def print_metrics(record: dict, title: str = 'metrics') -> None:
     """Print one run's metrics as a two-column rich table."""
-    from rich.console import Console
     from rich.table import Table
     table = Table(title=title)
     table.add_column('metric')
     table.add_column('value', justify='right')
     for key, value in record.get('metrics', {}).items():
         table.add_row(key, _fmt(value, key))
-    Console().print(table)
+    console().print(table)

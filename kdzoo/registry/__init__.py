@@ -64,6 +64,23 @@ OPTIM_WRAPPER_CONSTRUCTORS = Registry(
     parent=MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS, scope='kdzoo',
     locations=['kdzoo.engine'])
 
+# Children for the remaining mmengine registries, so every lookup the runner
+# makes in scope ``kdzoo`` finds a kdzoo registry (and falls back to
+# mmengine's own entries through the parent).
+import mmengine.registry as _mm_registry  # noqa: E402
+
+_PASSTHROUGH = {}
+for _name in ('RUNNERS', 'RUNNER_CONSTRUCTORS', 'STRATEGIES',
+              'MODEL_WRAPPERS', 'WEIGHT_INITIALIZERS', 'OPTIMIZERS',
+              'OPTIM_WRAPPERS', 'PARAM_SCHEDULERS', 'EVALUATOR', 'TASK_UTILS',
+              'VISUALIZERS', 'VISBACKENDS', 'LOG_PROCESSORS', 'INFERENCERS',
+              'FUNCTIONS'):
+    _parent = getattr(_mm_registry, _name)
+    _PASSTHROUGH[_name] = Registry(_parent.name, parent=_parent,
+                                   scope='kdzoo')
+OPTIMIZERS = _PASSTHROUGH['OPTIMIZERS']
+PARAM_SCHEDULERS = _PASSTHROUGH['PARAM_SCHEDULERS']
+
 # What ``kdzoo list`` shows, by the plural name a user types.
 LISTABLE = {
     'backbones': BACKBONES,
@@ -80,5 +97,6 @@ LISTABLE = {
 __all__ = [
     'MODELS', 'BACKBONES', 'HEADS', 'TEACHERS', 'LOSSES', 'CONNECTORS',
     'DATASETS', 'DATA_SAMPLERS', 'TRANSFORMS', 'METRICS', 'HOOKS', 'LOOPS',
-    'OPTIM_WRAPPER_CONSTRUCTORS', 'LISTABLE', 'CategoryRegistry'
+    'OPTIM_WRAPPER_CONSTRUCTORS', 'OPTIMIZERS', 'PARAM_SCHEDULERS',
+    'LISTABLE', 'CategoryRegistry'
 ]
