@@ -27,6 +27,7 @@ def cmd_train(args):
     from kdzoo.evaluation.report import print_metrics
     cfg = load_recipe(args.recipe, _parse_cfg_options(args.cfg_options),
                       args.work_dir)
+    cfg.launcher = args.launcher
     record = train_recipe(cfg, resume=args.resume)
     print_metrics(record, title=f'{record["name"]}: test metrics')
     print(f'results: {os.path.join(cfg.work_dir, "results.json")}')
@@ -107,6 +108,8 @@ def build_parser():
     p.add_argument('--resume', action='store_true',
                    help='resume from the newest complete checkpoint in the '
                    'work dir')
+    p.add_argument('--launcher', choices=['none', 'pytorch'], default='none',
+                   help="'pytorch' under torchrun for distributed training")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser('test', help="evaluate a recipe's student")

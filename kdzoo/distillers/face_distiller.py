@@ -89,7 +89,7 @@ class FaceDistiller(BaseModel):
                               '; expected backbone and head')
         self.student = Student(student['backbone'], student.get('head'))
         self.cls_loss_weight = float(cls_loss_weight)
-        self.test_cfg = dict(flip=True, **(test_cfg or {}))
+        self.test_cfg = {'flip': True, **(test_cfg or {})}
 
         self.teachers = nn.ModuleDict()
         for name, cfg in (teachers or {}).items():

@@ -10,6 +10,7 @@ carries anything else (e.g. code) is still refused.
 import contextlib
 import glob
 import os
+import pickle
 import re
 from typing import Optional
 
@@ -35,7 +36,26 @@ def _numpy_globals():
     return names
 
 
-RUNNER_CHECKPOINT_ALLOWLIST = [HistoryBuffer] + _numpy_globals()
+# mmengine's HistoryBuffer.__getstate__ stores its statistics methods, which
+# pickle as ``getattr(HistoryBuffer, 'min')`` etc. Allowing the real
+# ``getattr`` would let a file reach any attribute of any allowed object, so
+# ``builtins.getattr`` resolves to this function, which returns exactly those
+# methods and refuses everything else.
+_HISTORY_BUFFER_METHODS = ('min', 'max', 'current', 'mean')
+
+
+def _history_buffer_getattr(obj, name):
+    if obj is HistoryBuffer and name in _HISTORY_BUFFER_METHODS:
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(
+        f'refusing getattr({getattr(obj, "__name__", type(obj).__name__)}, '
+        f'{name!r}): runner checkpoints may only name HistoryBuffer '
+        f'statistics {_HISTORY_BUFFER_METHODS}')
+
+
+RUNNER_CHECKPOINT_ALLOWLIST = [
+    HistoryBuffer, (_history_buffer_getattr, 'builtins.getattr')
+] + _numpy_globals()
 
 
 @contextlib.contextmanager

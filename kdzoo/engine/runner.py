@@ -60,7 +60,9 @@ def load_recipe(path: str, cfg_options: Optional[dict] = None,
     if not os.path.isfile(path):
         from kdzoo.utils import ConfigError
         raise ConfigError(f'recipe not found: {path!r}')
-    cfg = Config.fromfile(path)
+    # custom_imports are imported by validate_config (after cfg_options),
+    # which turns a missing module into a one-line ConfigError
+    cfg = Config.fromfile(path, import_custom_modules=False)
     if cfg_options:
         epochs = (cfg.get('train_cfg') or {}).get('max_epochs')
         cfg.merge_from_dict(cfg_options)
@@ -82,11 +84,23 @@ def _sync_schedule(cfg: Config, old_epochs) -> None:
     if old_epochs is None or new_epochs == old_epochs:
         return
     schedulers = cfg.get('param_scheduler') or []
-    for sched in schedulers if isinstance(schedulers, list) else [schedulers]:
+    is_list = isinstance(schedulers, list)
+    kept = []
+    for sched in schedulers if is_list else [schedulers]:
         if sched.get('by_epoch', True) and sched.get('end') == old_epochs:
             sched['end'] = new_epochs
             if sched.get('T_max') == old_epochs - sched.get('begin', 0):
                 sched['T_max'] = new_epochs - sched.get('begin', 0)
+            if new_epochs <= sched.get('begin', 0):
+                # the run now ends before this phase begins (e.g. the cosine
+                # phase after a 1-epoch warm-up with max_epochs=1): drop it
+                # rather than hand mmengine an empty [begin, end) window
+                continue
+        kept.append(sched)
+    if is_list:
+        cfg.param_scheduler = kept
+    elif not kept:
+        cfg.param_scheduler = []
 
 
 def config_hash(cfg: Config) -> str:
