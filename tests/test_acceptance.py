@@ -2,7 +2,7 @@
 through the full ``kdzoo test`` path (recipe -> runner -> ONNX backbone ->
 .bin dataset -> flip-sum embeddings -> InsightFace 10-fold protocol).
 
-Needs ../shared (skipped without it); about 4-5 minutes on a 2-core CPU.
+Needs ../shared (skipped without it); about 7 minutes on a 2-core CPU.
 """
 import json
 import os

@@ -42,6 +42,17 @@ class BaseDistillLoss(nn.Module):
         The default accepts anything; plugins override it.
         """
 
+    @staticmethod
+    def current_epoch() -> int:
+        """The runner's current epoch (0-based), 0 outside a runner.
+
+        mmengine's ``RuntimeInfoHook`` publishes it in the ``MessageHub``
+        before every training epoch; losses with a warm-up (DKD) read it here.
+        """
+        from mmengine.logging import MessageHub
+        hub = MessageHub.get_current_instance()
+        return int(hub.get_info('epoch', 0) or 0)
+
     def extra_repr(self) -> str:
         return f'loss_weight={self.loss_weight}'
 
