@@ -124,8 +124,22 @@ class FaceDistiller(BaseModel):
         # them back in when loading so strict loads of our checkpoints work.
         self._register_state_dict_hook(_drop_teacher_state)
         self._register_load_state_dict_pre_hook(self._fill_teacher_state)
+        self._ignore_sharded_params_in_ddp()
 
     # ----------------------------------------------------------- building
+    def _ignore_sharded_params_in_ddp(self) -> None:
+        """Keep rank-local parameters (PartialFC's centre shard) out of DDP.
+
+        DistributedDataParallel would average their gradients across ranks,
+        mixing different classes; the head synchronises what it needs.
+        """
+        names = [f'{prefix}.{param}'
+                 for prefix, module in self.named_modules()
+                 for param in getattr(module, 'ddp_ignore_params', ())]
+        if names:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            DDP._set_params_and_buffers_to_ignore_for_model(self, names)
+
     @staticmethod
     def _check_name(name, where):
         if not str(name).isidentifier() or name in RESERVED_NAMES:

@@ -9,7 +9,7 @@ classification logits:
   ``<source>.logits`` tap that logit-KD losses consume).
 * ``forward(emb, labels)``: the margin-applied training logits.
 * ``loss(emb, labels)``: ``dict(loss_cls=<cross-entropy on the margin
-  logits>)``; subclasses may add more keys (e.g. MagFace's ``loss_g``).
+  logits>)``; subclasses may add more keys (e.g. MagFace's ``loss_mag``).
 
 Numerics: whatever the input dtype (fp16, bf16) or an enclosing autocast
 region, the cosine, the margin and the cross-entropy are computed in float32
