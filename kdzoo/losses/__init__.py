@@ -1,6 +1,22 @@
-"""Distillation loss plugins (see ``base.py`` for the contract)."""
+"""Distillation loss plugins (see ``base.py`` for the contract).
+
+One module per family or method: ``logit`` (KD, DKD, DIST, margin KD),
+``angular`` (ShrinkTeaNet), ``feature`` (FitNets, AT, PKT, embedding L2 /
+cosine), ``relational`` (RKD, SP, CC, DarkRank), ``crd``, ``ekd``, ``ddl``,
+``triplet`` and ``margin`` (MarginDistillation, AdaDistill).
+"""
 from .angular import AngularDistillationLoss
 from .base import BaseDistillLoss
-from .logit import KDLoss
+from .crd import CRDLoss
+from .feature import (ATLoss, CosineEmbeddingLoss, EmbeddingL2Loss,
+                      FitNetLoss, PKTLoss)
+from .logit import DISTLoss, DKDLoss, KDLoss, MarginKDLoss
+from .margin import AdaDistillLoss, MarginDistillationLoss
+from .relational import CCLoss, DarkRankLoss, RKDLoss, SPLoss
 
-__all__ = ['BaseDistillLoss', 'KDLoss', 'AngularDistillationLoss']
+__all__ = [
+    'BaseDistillLoss', 'KDLoss', 'DKDLoss', 'DISTLoss', 'MarginKDLoss',
+    'AngularDistillationLoss', 'FitNetLoss', 'ATLoss', 'PKTLoss',
+    'EmbeddingL2Loss', 'CosineEmbeddingLoss', 'RKDLoss', 'SPLoss', 'CCLoss',
+    'DarkRankLoss', 'CRDLoss', 'MarginDistillationLoss', 'AdaDistillLoss'
+]
