@@ -8,15 +8,19 @@ cosine), ``relational`` (RKD, SP, CC, DarkRank), ``crd``, ``ekd``, ``ddl``,
 from .angular import AngularDistillationLoss
 from .base import BaseDistillLoss
 from .crd import CRDLoss
+from .ddl import DDLLoss
+from .ekd import EKDLoss
 from .feature import (ATLoss, CosineEmbeddingLoss, EmbeddingL2Loss,
                       FitNetLoss, PKTLoss)
 from .logit import DISTLoss, DKDLoss, KDLoss, MarginKDLoss
 from .margin import AdaDistillLoss, MarginDistillationLoss
 from .relational import CCLoss, DarkRankLoss, RKDLoss, SPLoss
+from .triplet import TripletDistillationLoss
 
 __all__ = [
     'BaseDistillLoss', 'KDLoss', 'DKDLoss', 'DISTLoss', 'MarginKDLoss',
     'AngularDistillationLoss', 'FitNetLoss', 'ATLoss', 'PKTLoss',
     'EmbeddingL2Loss', 'CosineEmbeddingLoss', 'RKDLoss', 'SPLoss', 'CCLoss',
-    'DarkRankLoss', 'CRDLoss', 'MarginDistillationLoss', 'AdaDistillLoss'
+    'DarkRankLoss', 'CRDLoss', 'EKDLoss', 'DDLLoss', 'TripletDistillationLoss',
+    'MarginDistillationLoss', 'AdaDistillLoss'
 ]
