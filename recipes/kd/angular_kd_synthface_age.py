@@ -6,14 +6,9 @@
 #            its backbone.pth path is set by the suite (or --cfg-options
 #            model.teachers.teacher_fr.checkpoint=PATH).
 #   data:    SynthFaceAge, same as the student-alone baseline.
-#   expect:  above the student alone on cross-age TAR@FAR=1e-3.
-_base_ = ['../students/mbf_synthface_age.py']
+#   expect:  above the student alone on cross-age TAR@FAR=1e-3 (README).
+_base_ = ['../_base_/kd_synthface_age.py']
 model = dict(
-    teachers=dict(
-        teacher_fr=dict(
-            type='CheckpointTeacher',
-            backbone={{_base_.teacher_backbone}},
-            checkpoint='work_dirs/quickstart/teacher/backbone.pth')),
     connectors=dict(
         proj_fr=dict(type='LinearProjector', out_features=128)),
     distill_losses=dict(
