@@ -3,9 +3,11 @@
 One module per family or method: ``logit`` (KD, DKD, DIST, margin KD),
 ``angular`` (ShrinkTeaNet), ``feature`` (FitNets, AT, PKT, embedding L2 /
 cosine), ``relational`` (RKD, SP, CC, DarkRank), ``crd``, ``ekd``, ``ddl``,
-``triplet`` and ``margin`` (MarginDistillation, AdaDistill).
+``triplet``, ``margin`` (MarginDistillation, AdaDistill) and ``attentive``
+(LIAAD's age-attention transfer and the two-teacher attention reading).
 """
 from .angular import AngularDistillationLoss
+from .attentive import AgeAttentionLoss, TeacherAttentionAngularLoss
 from .base import BaseDistillLoss
 from .crd import CRDLoss
 from .ddl import DDLLoss
@@ -22,5 +24,6 @@ __all__ = [
     'AngularDistillationLoss', 'FitNetLoss', 'ATLoss', 'PKTLoss',
     'EmbeddingL2Loss', 'CosineEmbeddingLoss', 'RKDLoss', 'SPLoss', 'CCLoss',
     'DarkRankLoss', 'CRDLoss', 'EKDLoss', 'DDLLoss', 'TripletDistillationLoss',
-    'MarginDistillationLoss', 'AdaDistillLoss'
+    'MarginDistillationLoss', 'AdaDistillLoss', 'AgeAttentionLoss',
+    'TeacherAttentionAngularLoss'
 ]

@@ -89,6 +89,7 @@ LISTABLE = {
     'losses': LOSSES,
     'connectors': CONNECTORS,
     'datasets': DATASETS,
+    'samplers': DATA_SAMPLERS,
     'transforms': TRANSFORMS,
     'metrics': METRICS,
     'hooks': HOOKS,
