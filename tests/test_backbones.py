@@ -1,7 +1,7 @@
 """Backbones: arcface_torch weight layout, shapes, stage taps, errors."""
 import json
 import os
-import time
+import math
 
 import pytest
 import torch
@@ -117,18 +117,19 @@ def test_iresnet_gradients_and_frozen_features_scale():
     assert 'features.weight' not in trainable and 'features.bias' in trainable
 
 
-def test_iresnet_tiny_train_step_is_fast():
+def test_iresnet_tiny_trains_and_stays_small():
     model = IResNet(input_size=32, **TINY_IRESNET).train()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
                           lr=0.1)
     x = torch.randn(64, 3, 32, 32)
-    model(x).sum().backward()  # warm-up
-    start = time.perf_counter()
+    losses = []
     for _ in range(3):
         opt.zero_grad()
-        model(x).pow(2).mean().backward()
+        loss = model(x).pow(2).mean()
+        loss.backward()
         opt.step()
-    assert (time.perf_counter() - start) / 3 < 2.0  # ~0.1 s on 2 cores
+        losses.append(loss.item())
+    assert all(map(math.isfinite, losses)) and losses[-1] < losses[0]
     assert sum(p.numel() for p in model.parameters()) < 200_000
 
 

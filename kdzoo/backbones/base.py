@@ -7,6 +7,15 @@ A backbone maps a normalised float batch ``B×3×H×W`` to embeddings ``B×D``
 * ``stage_paths``: module paths (as in ``named_modules()``) whose forward
   outputs are the stage 1..4 feature maps, so distillers can hook them;
   ``stage_path(i)`` returns the i-th (1-based) with a clear error.
+
+Optional contract: ``forward_from_stage(x, stage)`` takes a stage-``stage``
+output map (1-based, the ``stage_paths`` convention) and runs the rest of
+the network to the embedding, so that
+``forward_from_stage(<real stage-i output>, i) == forward(images)`` (eval
+mode); for the last stage it runs only the embedding layers. Stage-wise
+distillation through a frozen teacher (``StagewiseAngularLoss``,
+ShrinkTeaNet Eq. 6) needs it; ``IResNet`` and ``MobileFaceNet`` provide it.
+Backbones that cannot (ONNX graphs, timm wrappers) simply do not define it.
 """
 import math
 from collections import OrderedDict

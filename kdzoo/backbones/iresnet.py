@@ -148,3 +148,18 @@ class IResNet(BaseBackbone):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = self.dropout(torch.flatten(self.bn2(x), 1))
         return self.features(self.fc(x))
+
+    def forward_from_stage(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """Run ``layer{stage+1}..layer4`` and the embedding layers on ``x``.
+
+        ``x`` is a stage-``stage`` output map (1-based, as ``stage_paths``:
+        ``layer1..layer4``); fed the real stage output this reproduces
+        ``forward``. ``stage=4`` runs only ``bn2 → flatten → dropout → fc →
+        features``. Used by stage-wise distillation (ShrinkTeaNet Eq. 6) to
+        push a student map through this (frozen) network.
+        """
+        self.stage_path(stage)  # validates 1..4 with a clear error
+        for i in range(stage + 1, len(self.stage_paths) + 1):
+            x = getattr(self, f'layer{i}')(x)
+        x = self.dropout(torch.flatten(self.bn2(x), 1))
+        return self.features(self.fc(x))

@@ -188,3 +188,16 @@ class MobileFaceNet(BaseBackbone):
         for layer in self.layers:
             x = layer(x)
         return self.features(self.conv_sep(x))
+
+    def forward_from_stage(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """Run the rest of the network on a stage-``stage`` output map.
+
+        ``stage`` is 1-based as ``stage_paths`` (``layers.1/3/5/7``), so
+        ``layers[2*stage:]`` follow, then ``conv_sep`` and the GDC
+        ``features``; fed the real stage output this reproduces ``forward``.
+        ``stage=4`` runs only the embedding layers (``conv_sep``, GDC).
+        """
+        self.stage_path(stage)  # validates 1..4 with a clear error
+        for layer in self.layers[2 * stage:]:
+            x = layer(x)
+        return self.features(self.conv_sep(x))

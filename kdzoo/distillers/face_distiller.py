@@ -113,6 +113,7 @@ class FaceDistiller(BaseModel):
         self._bindings: Dict[str, list] = OrderedDict()
         for name, cfg in (distill_losses or {}).items():
             self._add_loss(name, cfg)
+        self._attach_teachers()
 
         self.recorder = TapRecorder()
         self._register_taps()
@@ -204,6 +205,25 @@ class FaceDistiller(BaseModel):
             bindings.append(_Binding(arg, tap, connector))
         self.distill_losses[name] = loss
         self._bindings[name] = bindings
+
+    def _attach_teachers(self) -> None:
+        """Give losses that run a teacher themselves the built teachers.
+
+        A loss defining ``attach_teachers(teachers: dict)`` (e.g.
+        ``StagewiseAngularLoss``, which pushes student maps through a frozen
+        teacher's later stages) gets ``{name: FrozenTeacher}``. It must keep
+        them out of its submodules: the teachers belong to ``self.teachers``
+        only (never optimised or saved).
+        """
+        for name, loss in self.distill_losses.items():
+            attach = getattr(loss, 'attach_teachers', None)
+            if not callable(attach):
+                continue
+            try:
+                attach(dict(self.teachers))
+            except ValueError as e:  # ConfigError included
+                raise ConfigError(f'model.distill_losses.{name} '
+                                  f'({type(loss).__name__}): {e}') from None
 
     def _network(self, source: str) -> nn.Module:
         if source == 'student':
@@ -351,6 +371,10 @@ class FaceDistiller(BaseModel):
                     losses[key] = value * self.cls_loss_weight
             if self._bindings:
                 values = self._collect(inputs, data_samples, s_emb=s_emb)
+                # every bound value is collected: pause the taps, so losses
+                # that run a teacher's modules again (StagewiseAngularLoss)
+                # neither overwrite records nor keep their tensors alive
+                self.recorder.active = False
                 for name, bindings in self._bindings.items():
                     kwargs = {b.arg: values[b.key] for b in bindings}
                     key = name if name.startswith('loss') else f'loss_{name}'
