@@ -1,5 +1,5 @@
-"""Every baseline recipe builds, validates its taps/connectors and takes a
-training step; its loss values on fixed inputs match the stored golden
+"""Every baseline and LIAAD recipe builds, validates its taps/connectors and
+takes a training step; its loss values on fixed inputs match the stored golden
 values (a regression guard, as torchdistill keeps; each loss's correctness is
 checked against independent references in its own test file).
 
@@ -19,7 +19,8 @@ from kdzoo.registry import BACKBONES, HEADS, MODELS
 from kdzoo.utils import atomic_write_json
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
-RECIPES = sorted(glob.glob(os.path.join(ROOT, 'recipes', 'baselines', '*.py')))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, 'recipes', 'baselines', '*.py'))
+                 + glob.glob(os.path.join(ROOT, 'recipes', 'liaad', '*.py')))
 GOLDEN = os.path.join(os.path.dirname(__file__), 'fixtures',
                       'baseline_loss_golden.json')
 TEACHER_RECIPE = os.path.join(ROOT, 'recipes', 'teachers',
@@ -40,14 +41,18 @@ def teacher_dir(tmp_path_factory):
 
 
 def _build(recipe, teacher_dir):
-    options = {'model.teachers.teacher_fr.checkpoint':
-               f'{teacher_dir}/backbone.pth'}
     cfg = load_recipe(recipe)
-    if cfg.model.teachers.teacher_fr.get('head') is not None:
-        options['model.teachers.teacher_fr.head_checkpoint'] = \
-            f'{teacher_dir}/head.pth'
+    options = {}
+    for name, teacher in cfg.model.teachers.items():
+        if teacher is None:
+            continue
+        options[f'model.teachers.{name}.checkpoint'] = \
+            f'{teacher_dir}/backbone.pth'
+        if teacher.get('head') is not None:
+            options[f'model.teachers.{name}.head_checkpoint'] = \
+                f'{teacher_dir}/head.pth'
     for name, loss in cfg.model.distill_losses.items():
-        if 'head_checkpoint' in loss:
+        if loss is not None and 'head_checkpoint' in loss:
             options[f'model.distill_losses.{name}.head_checkpoint'] = \
                 f'{teacher_dir}/head.pth'
     cfg = load_recipe(recipe, options)
@@ -74,15 +79,38 @@ def _step(model, cfg):
     return losses, inputs
 
 
+def _golden():
+    if not os.path.isfile(GOLDEN):
+        return {}
+    with open(GOLDEN) as f:
+        return json.load(f)
+
+
 @pytest.mark.parametrize('recipe', RECIPES,
                          ids=[os.path.basename(r)[:-3] for r in RECIPES])
-def test_recipe_builds_and_trains_one_step(recipe, teacher_dir):
+def test_recipe_builds_trains_one_step_and_matches_golden(recipe,
+                                                          teacher_dir):
     cfg, model = _build(recipe, teacher_dir)
-    assert cfg.model.distill_losses, 'a baseline recipe must distil'
+    names = [k for k, v in cfg.model.distill_losses.items() if v is not None]
+    assert names, 'a distillation recipe must distil'
     losses, _ = _step(model, cfg)
-    for key in cfg.model.distill_losses:
+    for key in names:
         key = key if key.startswith('loss') else f'loss_{key}'
         assert key in losses, f'{key} missing from {sorted(losses)}'
+    values = {k: float(v) for k, v in losses.items()}
+    name = os.path.basename(recipe)[:-3]
+    if os.environ.get('KDZOO_UPDATE_GOLDEN'):
+        golden = _golden()
+        golden[name] = values
+        atomic_write_json(GOLDEN, dict(sorted(golden.items())))
+    else:
+        expected = _golden().get(name)
+        assert expected is not None, \
+            f'{name}: no golden values; regenerate with KDZOO_UPDATE_GOLDEN=1'
+        assert sorted(values) == sorted(expected), name
+        for key, value in values.items():
+            assert value == pytest.approx(expected[key], rel=1e-4,
+                                          abs=1e-6), f'{name}.{key}'
     total = sum(v for v in losses.values())
     assert torch.isfinite(total)
     total.backward()
@@ -93,28 +121,7 @@ def test_recipe_builds_and_trains_one_step(recipe, teacher_dir):
         assert p.grad is None
 
 
-def _golden_values(teacher_dir):
-    values = {}
-    for recipe in RECIPES:
-        cfg, model = _build(recipe, teacher_dir)
-        with torch.no_grad():
-            losses, _ = _step(model, cfg)
-        values[os.path.basename(recipe)[:-3]] = {
-            k: float(v) for k, v in losses.items()}
-    return values
-
-
-def test_golden_loss_values(teacher_dir):
-    values = _golden_values(teacher_dir)
-    if os.environ.get('KDZOO_UPDATE_GOLDEN'):
-        atomic_write_json(GOLDEN, values)
-        pytest.skip(f'golden values written to {GOLDEN}')
-    with open(GOLDEN) as f:
-        golden = json.load(f)
-    assert sorted(golden) == sorted(values), \
+def test_golden_file_lists_exactly_the_recipes():
+    names = sorted(os.path.basename(r)[:-3] for r in RECIPES)
+    assert sorted(_golden()) == names, \
         'recipes changed: regenerate with KDZOO_UPDATE_GOLDEN=1'
-    for name, losses in values.items():
-        assert sorted(losses) == sorted(golden[name]), name
-        for key, value in losses.items():
-            assert value == pytest.approx(golden[name][key], rel=1e-4,
-                                          abs=1e-6), f'{name}.{key}'

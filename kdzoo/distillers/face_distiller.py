@@ -46,7 +46,8 @@ class FaceDistiller(BaseModel):
     Args:
         student: ``dict(backbone=<backbone cfg>, head=<margin head cfg>)``.
             The head gives the identity loss (``loss_cls``); a student with no
-            head can only be evaluated.
+            head trains from its distill losses alone (MarginDistillation,
+            AdaDistill replace the head).
         teachers: ``{name: teacher cfg}`` (e.g. ``CheckpointTeacher``,
             ``OnnxTeacher``); several named teachers are allowed; none trains
             the student alone.
@@ -56,6 +57,10 @@ class FaceDistiller(BaseModel):
             mapping from the loss's forward argument names to taps (see
             ``kdzoo.distillers.taps``) or ``dict(tap=..., connector=...)``.
         cls_loss_weight: weight of the student's identity loss.
+
+        In ``teachers``, ``connectors`` and ``distill_losses`` an entry set to
+        ``None`` is removed, so a derived recipe can drop what its base
+        declares (``teachers=dict(teacher_age=None)``).
         data_preprocessor: defaults to ``FaceDataPreprocessor``.
         input_size: (H, W) of training images, used for the build-time shape
             check; defaults to the student backbone's ``input_size``.
@@ -92,7 +97,7 @@ class FaceDistiller(BaseModel):
         self.test_cfg = {'flip': True, **(test_cfg or {})}
 
         self.teachers = nn.ModuleDict()
-        for name, cfg in (teachers or {}).items():
+        for name, cfg in _present(teachers).items():
             self._check_name(name, 'model.teachers')
             try:
                 self.teachers[name] = TEACHERS.build(cfg)
@@ -103,7 +108,7 @@ class FaceDistiller(BaseModel):
         for teacher in self.teachers.values():
             teacher.set_source_normalization(mean, std)
 
-        self._connector_cfgs = dict(connectors or {})
+        self._connector_cfgs = _present(connectors)
         self.connectors = nn.ModuleDict()
         for name, cfg in self._connector_cfgs.items():
             self._check_name(name, 'model.connectors')
@@ -111,7 +116,7 @@ class FaceDistiller(BaseModel):
 
         self.distill_losses = nn.ModuleDict()
         self._bindings: Dict[str, list] = OrderedDict()
-        for name, cfg in (distill_losses or {}).items():
+        for name, cfg in _present(distill_losses).items():
             self._add_loss(name, cfg)
         self._attach_teachers()
 
@@ -410,6 +415,11 @@ def _drop_teacher_state(module, state_dict, prefix, local_metadata):
     for key in [k for k in state_dict if k.startswith(prefix + 'teachers.')]:
         del state_dict[key]
     return state_dict
+
+
+def _present(entries: Optional[dict]) -> dict:
+    """``entries`` without the names a derived recipe set to ``None``."""
+    return {k: v for k, v in (entries or {}).items() if v is not None}
 
 
 def _forward_params(loss: nn.Module) -> Dict[str, inspect.Parameter]:
