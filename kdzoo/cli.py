@@ -55,7 +55,8 @@ def cmd_evaluate(args):
 def cmd_compare(args):
     from kdzoo.engine.suite import run_suite
     run_suite(args.suite, work_dir=args.work_dir, force=args.force,
-              cfg_options=_parse_cfg_options(args.cfg_options))
+              cfg_options=_parse_cfg_options(args.cfg_options),
+              seeds=args.seeds)
 
 
 def cmd_list(args):
@@ -139,11 +140,16 @@ def build_parser():
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser('compare', help='train what a suite needs, evaluate, '
-                       'and tabulate')
+                       'and tabulate (comparison.md/.json/.png)')
     p.add_argument('suite')
     p.add_argument('--work-dir')
     p.add_argument('--force', action='store_true',
                    help='retrain runs even if finished with the same config')
+    p.add_argument('--seeds', type=int, metavar='N',
+                   help='train every student run with randomness.seed '
+                   '0..N-1 and report mean ± std (default: the suite\'s '
+                   '`seeds`, else 1); teachers and runs with seeds=False '
+                   'are trained once and shared by all seeds')
     p.add_argument('--cfg-options', nargs='+', metavar='KEY=VALUE',
                    help='overrides applied to every run of the suite')
     p.set_defaults(func=cmd_compare)
@@ -166,12 +172,27 @@ def main(argv=None):
     try:
         args.func(args)
     except KdzooError as e:
-        print(f'kdzoo {args.command}: error: {e}', file=sys.stderr)
+        print(f'kdzoo {args.command}: error: {_one_line(e)}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(error: Exception) -> str:
+    """The error's own message, without a DataLoader worker's traceback.
+
+    An error raised in a worker process comes back as ``Caught X in
+    DataLoader worker process N. Original Traceback ...`` whose last line is
+    ``module.X: <message>``.
+    """
+    text = str(error)
+    if 'Original Traceback' in text:
+        last = text.strip().splitlines()[-1]
+        prefix = f'{type(error).__module__}.{type(error).__name__}: '
+        text = last[len(prefix):] if last.startswith(prefix) else last
+    return text
 
 
 if __name__ == '__main__':

@@ -137,12 +137,14 @@ def train_recipe(cfg: Config, resume: bool = False,
     runner = KdzooRunner.from_cfg(cfg)
     runner.train()
     train_time = time.time() - t0
-    metrics, test_time = {}, 0.0
+    metrics, test_time, curves = {}, 0.0, None
     if run_test and cfg.get('test_dataloader'):
         t1 = time.time()
         metrics = runner.test()
         test_time = time.time() - t1
-    return write_results(runner, cfg, metrics, train_time, test_time)
+        curves = _test_curves(runner)
+    return write_results(runner, cfg, metrics, train_time, test_time,
+                         curves=curves)
 
 
 def test_recipe(cfg: Config, checkpoint: Optional[str] = None) -> dict:
@@ -163,7 +165,18 @@ def test_recipe(cfg: Config, checkpoint: Optional[str] = None) -> dict:
     t0 = time.time()
     metrics = runner.test()
     return write_results(runner, cfg, metrics, 0.0, time.time() - t0,
-                         filename='test_results.json')
+                         filename='test_results.json',
+                         curves=_test_curves(runner))
+
+
+def _test_curves(runner) -> dict:
+    """TAR-vs-FAR curves the test metrics kept aside (the ``curves``
+    attribute of FaceVerificationMetric): not scalars, so not in the metric
+    dict mmengine logs. ``{protocol: {'far': [...], 'tar': [...]}}``."""
+    curves = {}
+    for metric in getattr(runner.test_evaluator, 'metrics', ()):
+        curves.update(getattr(metric, 'curves', None) or {})
+    return curves
 
 
 def _is_runner_checkpoint(path: str) -> bool:
@@ -178,7 +191,8 @@ def _is_runner_checkpoint(path: str) -> bool:
 
 
 def write_results(runner, cfg, metrics, train_time, test_time,
-                  filename: str = 'results.json') -> dict:
+                  filename: str = 'results.json',
+                  curves: Optional[dict] = None) -> dict:
     model = runner.model.module if hasattr(runner.model, 'module') \
         else runner.model
     train_cfg = cfg.get('train_cfg') or {}
@@ -194,7 +208,11 @@ def write_results(runner, cfg, metrics, train_time, test_time,
         batch_size=loader.get('batch_size'),
         train_time_s=round(train_time, 2),
         test_time_s=round(test_time, 2),
+        nonfinite_skipped=int(runner.message_hub.get_info(
+            'nonfinite_skipped', 0) or 0),
         work_dir=cfg.work_dir,
         **_environment())
+    if curves is not None:  # None: not tested (run_test=False)
+        record['curves'] = curves
     atomic_write_json(os.path.join(cfg.work_dir, filename), record)
     return record

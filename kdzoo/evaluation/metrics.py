@@ -14,6 +14,11 @@ Metric keys (fractions in [0, 1] unless noted), ``<p>`` the protocol name:
 * ``<p>/roc_auc``.
 * ``<p>/rank1@<k>``: rank-1 identification rate with k distractors.
 
+Not a metric key: after ``compute_metrics``, ``FaceVerificationMetric.curves``
+holds ``{<p>: {'far': [...], 'tar': [...]}}``, TAR on a log-spaced FAR grid
+(the points the pair count supports). mmengine's metric dict stays scalar;
+``kdzoo.engine.runner`` copies the curves into ``results.json``.
+
 A ``prefix`` is prepended as ``<prefix>/<key>`` by mmengine; kdzoo's report
 tables expect no prefix (protocol names are already unique per dataset).
 """
@@ -127,6 +132,9 @@ class FaceVerificationMetric(_EmbeddingMetric):
             (default: all).
         fars: FARs for ``TAR@FAR=<far>`` keys (unsupported ones omitted).
         num_folds: override each protocol's ``num_folds`` (default 10).
+        curve_fars: FAR grid of the TAR-vs-FAR curve kept in ``self.curves``
+            (not a metric key); default 4 points per decade from 1e-6 to 1.
+            Points with ``far * negatives < 1`` are left out, as for ``fars``.
         prefix: optional mmengine key prefix.
     """
     metainfo_key = 'verification'
@@ -135,19 +143,27 @@ class FaceVerificationMetric(_EmbeddingMetric):
 
     def __init__(self, protocols=None,
                  fars: Sequence[float] = (1e-1, 1e-2, 1e-3, 1e-4),
-                 num_folds: Optional[int] = None, prefix=None, **kwargs):
+                 num_folds: Optional[int] = None,
+                 curve_fars: Optional[Sequence[float]] = None, prefix=None,
+                 **kwargs):
         super().__init__(protocols, prefix, **kwargs)
         self.fars = tuple(float(f) for f in fars)
-        for f in self.fars:
-            if not 0 < f <= 1:
-                raise ConfigError(f'FaceVerificationMetric: fars must be in '
-                                  f'(0, 1], got {f}')
+        self.curve_fars = tuple(float(f) for f in (
+            np.logspace(-6, 0, 25) if curve_fars is None else curve_fars))
+        for arg, values in (('fars', self.fars),
+                            ('curve_fars', self.curve_fars)):
+            for f in values:
+                if not 0 < f <= 1:
+                    raise ConfigError(f'FaceVerificationMetric: {arg} must '
+                                      f'be in (0, 1], got {f}')
         self.num_folds = num_folds
+        # {protocol: {'far': [...], 'tar': [...]}} of the last evaluation
+        self.curves: Dict[str, Dict[str, List[float]]] = {}
 
     def compute_metrics(self, results: list) -> Dict[str, float]:
         protocols = self._selected()
         pos, emb = self._lookup(results)
-        out = {}
+        out, self.curves = {}, {}
         for name, proto in protocols.items():
             try:
                 pairs = np.asarray(proto['pairs'], dtype=np.int64)
@@ -170,6 +186,7 @@ class FaceVerificationMetric(_EmbeddingMetric):
                                             normalize=False)
                 scores = np.sum(e1 * e2, axis=1)  # cosine similarity
                 tars = tar_at_far(scores, issame, self.fars)
+                curve = tar_at_far(scores, issame, self.curve_fars)
                 auc = roc_auc(scores, issame)
             except ValueError as e:
                 raise ValueError(f"verification protocol '{name}': {e}") \
@@ -180,6 +197,8 @@ class FaceVerificationMetric(_EmbeddingMetric):
             for far, tar in tars.items():
                 out[f'{name}/TAR@FAR={far_key(far)}'] = tar
             out[f'{name}/roc_auc'] = auc
+            self.curves[name] = dict(far=list(curve),
+                                     tar=list(curve.values()))
         return out
 
 

@@ -1,0 +1,444 @@
+"""``kdzoo compare`` with several seeds: mean ± std tables, one shared
+teacher, reuse, TAR-vs-FAR curves in the records, the comparison plot and
+the reproduction context.
+
+One test trains for real (tiny SynthFaceAge, 3 short runs); the others swap
+``train_recipe`` for a stub that returns made-up records, so they check the
+suite logic in milliseconds.
+"""
+import json
+import os
+import textwrap
+
+import numpy as np
+import pytest
+
+import kdzoo  # noqa: F401
+import kdzoo.engine.suite as suite_mod
+from kdzoo.cli import main
+from kdzoo.evaluation.plots import write_comparison_plot
+from kdzoo.evaluation.report import aggregate, comparison_markdown
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
+RECIPES = os.path.join(ROOT, 'recipes')
+STUDENT = os.path.join(RECIPES, 'students', 'mbf_synthface_age.py')
+TEACHER = os.path.join(RECIPES, 'teachers', 'iresnet_synthface_age.py')
+KD = os.path.join(RECIPES, 'kd', 'angular_kd_synthface_age.py')
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def tiny(cache_dir):
+    """Smaller than tests/test_cli.py's ``tiny``: 2 iterations per run."""
+    options = {
+        'train_dataloader.dataset.num_identities': 10,
+        'train_dataloader.dataset.images_per_identity': 4,
+        'train_dataloader.dataset.cache_dir': cache_dir,
+        'train_dataloader.batch_size': 20,
+        'model.student.head.num_classes': 10,
+        # 20 identities: the minimum for 10 verification folds
+        'test_dataloader.dataset.num_identities': 20,
+        'test_dataloader.dataset.images_per_identity': 4,
+        'test_dataloader.dataset.num_distractors': 5,
+        'test_dataloader.dataset.cache_dir': cache_dir,
+        'train_cfg.max_epochs': 1,
+    }
+    return [f'{k}={v!r}' if isinstance(v, str) else f'{k}={v}'
+            for k, v in options.items()]
+
+
+def write_suite(path, runs_src, **top):
+    extra = ''.join(f'{k} = {v!r}\n' for k, v in top.items())
+    path.write_text(textwrap.dedent(runs_src) + extra)
+    return str(path)
+
+
+# ------------------------------------------------------------ real training
+def test_two_seeds_mean_std_curves_context_plot_reuse(tmp_path, monkeypatch,
+                                                       capsys):
+    """Two real tiny trainings (the student at seeds 0 and 1); a teacher
+    run is trained once (the stubbed tests below check that, to keep this
+    test at two trainings)."""
+    cache = str(tmp_path / 'cache')
+    suite = write_suite(tmp_path / 'tiny_suite.py', f'''
+        runs = [dict(name='student', recipe={STUDENT!r})]
+        ''')
+    work = str(tmp_path / 'work')
+    calls = []
+    real_train = suite_mod.train_recipe
+
+    def counting_train(cfg, *a, **k):
+        calls.append((cfg.experiment_name, cfg.randomness.seed, cfg.work_dir))
+        return real_train(cfg, *a, **k)
+
+    monkeypatch.setattr(suite_mod, 'train_recipe', counting_train)
+    args = ['compare', suite, '--work-dir', work, '--seeds', '2',
+            '--cfg-options'] + tiny(cache)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert calls == [('student', 0, os.path.join(work, 'student')),
+                     ('student', 1, os.path.join(work, 'student', 'seed1'))]
+
+    per_seed = [read_json(os.path.join(d, 'results.json'))
+                for d in (os.path.join(work, 'student'),
+                          os.path.join(work, 'student', 'seed1'))]
+    assert [r['seed'] for r in per_seed] == [0, 1]
+    assert per_seed[0]['run_hash'] != per_seed[1]['run_hash']
+    key = 'cross_age/accuracy'
+    values = np.array([r['metrics'][key] for r in per_seed])
+    summary = read_json(os.path.join(work, 'comparison.json'))
+    assert summary['seeds'] == [0, 1]
+    assert [(r['name'], r['seed']) for r in summary['runs']] == \
+        [('student', 0), ('student', 1)]
+    # the seed changes the training
+    assert per_seed[0]['metrics'] != per_seed[1]['metrics']
+    agg = {e['name']: e for e in summary['aggregate']}
+    assert agg['student']['n'] == 2
+    assert agg['student']['metrics'][key] == pytest.approx(values.mean())
+    assert agg['student']['metrics_std'][key] == \
+        pytest.approx(np.std(values, ddof=1))
+
+    # curves: per record and protocol, the end of the log FAR grid that
+    # the protocol's negative pairs support (a few dozen negatives)
+    grid = np.logspace(-6, 0, 25)
+    for r in summary['runs']:
+        for proto in ('standard', 'cross_age'):
+            c = r['curves'][proto]
+            assert len(c['far']) == len(c['tar']) >= 3
+            assert c['far'] == pytest.approx(grid[-len(c['far']):])
+            assert all(0.0 <= t <= 1.0 for t in c['tar'])
+            # the grid point 1e-1 agrees with the TAR@FAR=1e-1 metric
+            i = int(np.argmin(np.abs(np.log10(c['far']) + 1)))
+            assert c['far'][i] == pytest.approx(0.1)
+            assert c['tar'][i] == r['metrics'][f'{proto}/TAR@FAR=1e-1']
+    mean_curve = agg['student']['curves']['cross_age']['tar']
+    assert mean_curve == pytest.approx(np.mean(
+        [r['curves']['cross_age']['tar'] for r in per_seed], axis=0))
+
+    # reproduction context: per run seed, epochs, batch, times; versions
+    ctx = summary['context']
+    assert ctx['seeds'] == [0, 1] and ctx['reused'] == []
+    assert [(r['name'], r['seed'], r['epochs'], r['batch_size'])
+            for r in ctx['runs']] == [('student', 0, 1, 20),
+                                      ('student', 1, 1, 20)]
+    assert all(r['train_time_s'] > 0 for r in ctx['runs'])
+    import mmengine
+    import torch
+    assert ctx['versions']['torch'] == torch.__version__
+    assert ctx['versions']['mmengine'] == mmengine.__version__
+    assert ctx['device'] == per_seed[0]['device']
+
+    with open(os.path.join(work, 'comparison.md')) as f:
+        md = f.read()
+    row = [ln for ln in md.splitlines() if ln.startswith('| student |')]
+    assert len(row) == 1
+    std = np.std(values, ddof=1)
+    assert f' {values.mean():.2f} ± {std:.2f} ' in row[0]
+    assert ' 0,1 ' in row[0]
+    assert 'seeds: 0 / 1' in md and 'mmengine' in md
+    assert 'kdzoo compare' in out and '±' in out  # the rich table
+
+    png = os.path.join(work, 'comparison.png')
+    with open(png, 'rb') as f:
+        assert f.read(8) == PNG_MAGIC
+    from PIL import Image
+    with Image.open(png) as im:
+        assert im.size[0] > im.size[1] > 200
+    assert not [n for n in os.listdir(work) if n.endswith('.tmp')]
+
+    # second call: everything reused, nothing trained or re-evaluated
+    def no_training(*a, **k):
+        raise AssertionError('nothing should be trained or re-tested')
+
+    monkeypatch.setattr(suite_mod, 'train_recipe', no_training)
+    monkeypatch.setattr(suite_mod, 'test_recipe', no_training)
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count('reusing finished run') == 2
+    again = read_json(os.path.join(work, 'comparison.json'))
+    assert again['runs'] == summary['runs']
+    assert len(again['context']['reused']) == 2
+
+
+# ------------------------------------------------------- stubbed training
+def fake_record(cfg, *args, **kwargs):
+    """What train_recipe returns, with metrics made up from the seed."""
+    seed = (cfg.get('randomness') or {}).get('seed')
+    base = 0.5 + 0.1 * seed + (0.2 if 'teacher' in cfg.experiment_name
+                               else 0.0)
+    return dict(
+        name=cfg.experiment_name, seed=seed, config_hash='x', metrics={
+            'cross_age/accuracy': 100 * base,
+            'cross_age/TAR@FAR=1e-3': base / 2},
+        curves={'cross_age': dict(far=[1e-3, 1e-2, 1.0],
+                                  tar=[base / 2, base, 1.0])},
+        student_params=1000, teachers=[], epochs=1, batch_size=8,
+        train_time_s=1.0, test_time_s=0.5, work_dir=cfg.work_dir,
+        device='cpu', torch='t', mmengine='m', kdzoo='k', python='p',
+        checkpoint=cfg.get('model', {}).get('teachers', {})
+        .get('teacher_fr', {}).get('checkpoint'))
+
+
+KD_SUITE = f'''
+    runs = [
+        dict(name='teacher', role='teacher', recipe={TEACHER!r}, seeds=TS),
+        dict(name='alone', recipe={STUDENT!r}),
+        dict(name='kd', recipe={KD!r}, cfg_options={{
+            'model.teachers.teacher_fr.checkpoint':
+                '{{teacher}}/backbone.pth'}}),
+        dict(name='once', recipe={STUDENT!r}, seeds=False),
+    ]
+    '''
+
+
+@pytest.mark.parametrize('teacher_seeds', [None, True])
+def test_seeded_dependencies_and_run_dirs(tmp_path, monkeypatch,
+                                          teacher_seeds):
+    calls = []
+    monkeypatch.setattr(suite_mod, 'train_recipe',
+                        lambda cfg: calls.append(fake_record(cfg)) or
+                        dict(calls[-1]))
+    src = KD_SUITE.replace(', seeds=TS', '' if teacher_seeds is None else
+                           f', seeds={teacher_seeds}')
+    suite = write_suite(tmp_path / 's.py', src, seeds=3)  # suite default
+    work = str(tmp_path / 'w')
+    records = suite_mod.run_suite(suite, work_dir=work)
+    got = [(r['name'], r['seed'], os.path.relpath(r['work_dir'], work))
+           for r in records]
+    t_seeds = [0, 1, 2] if teacher_seeds else [0]
+    assert got == [('teacher', s, 'teacher' if not s else f'teacher/seed{s}')
+                   for s in t_seeds] + [
+        ('alone', 0, 'alone'), ('alone', 1, 'alone/seed1'),
+        ('alone', 2, 'alone/seed2'), ('kd', 0, 'kd'),
+        ('kd', 1, 'kd/seed1'), ('kd', 2, 'kd/seed2'), ('once', 0, 'once')]
+    kd_ckpts = [os.path.relpath(c['checkpoint'], work) for c in calls
+                if c['name'] == 'kd']
+    assert kd_ckpts == ([f'teacher{"/seed%d" % s if s else ""}/backbone.pth'
+                         for s in range(3)] if teacher_seeds else
+                        ['teacher/backbone.pth'] * 3)
+    hashes = [r['run_hash'] for r in records]
+    assert len(set(hashes)) == len(hashes)  # the seed is in the hash
+
+    md = open(os.path.join(work, 'comparison.md')).read()
+    (row, ) = [ln for ln in md.splitlines() if ln.startswith('| alone |')]
+    acc = [50.0, 60.0, 70.0]
+    assert f' {np.mean(acc):.2f} ± {np.std(acc, ddof=1):.2f} ' in row
+    (row, ) = [ln for ln in md.splitlines() if ln.startswith('| once |')]
+    assert '±' not in row and ' 50.00 ' in row
+
+    # --seeds 1 later: the seed-0 runs are the one-seed runs, reused
+    calls.clear()
+    suite_mod.run_suite(suite, work_dir=work, seeds=1)
+    assert calls == []
+
+
+def test_rerun_with_stub_trains_nothing(tmp_path, monkeypatch):
+    n = []
+    monkeypatch.setattr(suite_mod, 'train_recipe',
+                        lambda cfg: n.append(1) or fake_record(cfg))
+    suite = write_suite(tmp_path / 's.py', KD_SUITE.replace(', seeds=TS', ''))
+    work = str(tmp_path / 'w')
+    assert main(['compare', suite, '--work-dir', work, '--seeds', '2']) == 0
+    assert len(n) == 1 + 2 + 2 + 1
+    n.clear()
+    assert main(['compare', suite, '--work-dir', work, '--seeds', '2']) == 0
+    assert n == []
+    # --force retrains all
+    assert main(['compare', suite, '--work-dir', work, '--seeds', '2',
+                 '--force']) == 0
+    assert len(n) == 6
+
+
+def test_old_results_get_curves_by_testing_again(tmp_path, monkeypatch):
+    """A finished run from before the curves existed is tested again (not
+    retrained) to add them; the next call reuses it as is."""
+    monkeypatch.setattr(suite_mod, 'train_recipe',
+                        lambda cfg: {k: v for k, v in fake_record(cfg).items()
+                                     if k != 'curves'})
+    tested = []
+
+    def fake_test(cfg, checkpoint=None):
+        tested.append(checkpoint)
+        return fake_record(cfg)
+
+    monkeypatch.setattr(suite_mod, 'test_recipe', fake_test)
+    suite = write_suite(tmp_path / 's.py', f'''
+        runs = [dict(name='alone', recipe={STUDENT!r})]
+        ''')
+    work = str(tmp_path / 'w')
+    suite_mod.run_suite(suite, work_dir=work)
+    assert 'curves' not in read_json(os.path.join(work, 'alone',
+                                                  'results.json'))
+    # no backbone.pth: nothing to evaluate, the run is shown without curve
+    suite_mod.run_suite(suite, work_dir=work)
+    assert tested == []
+    ckpt = os.path.join(work, 'alone', 'backbone.pth')
+    open(ckpt, 'wb').close()
+    suite_mod.run_suite(suite, work_dir=work)
+    assert tested == [ckpt]
+    record = read_json(os.path.join(work, 'alone', 'results.json'))
+    assert record['curves']['cross_age']['far'] == [1e-3, 1e-2, 1.0]
+    suite_mod.run_suite(suite, work_dir=work)
+    assert tested == [ckpt]
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--seeds', '0'], 'seeds must be an integer >= 1'),
+    (['--seeds', '2', '--cfg-options', 'randomness.seed=5'],
+     '--cfg-options sets randomness.seed'),
+])
+def test_seed_argument_errors(tmp_path, capsys, argv, message):
+    suite = write_suite(tmp_path / 's.py', f'''
+        runs = [dict(name='alone', recipe={STUDENT!r})]
+        ''')
+    assert main(['compare', suite, '--work-dir', str(tmp_path / 'w')] +
+                argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and 'Traceback' not in err
+
+
+def test_suite_entry_errors(tmp_path, capsys):
+    suite = write_suite(tmp_path / 's.py', f'''
+        runs = [dict(name='alone', recipe={STUDENT!r}, seeds='yes')]
+        ''')
+    assert main(['compare', suite]) == 2
+    assert "seeds must be True" in capsys.readouterr().err
+    suite = write_suite(tmp_path / 's.py', f'''
+        runs = [dict(name='alone', recipe={STUDENT!r},
+                     cfg_options={{'randomness.seed': 3}})]
+        ''')
+    assert main(['compare', suite, '--seeds', '2',
+                 '--work-dir', str(tmp_path / 'w')]) == 2
+    err = capsys.readouterr().err
+    assert "run 'alone' sets randomness.seed" in err and 'seeds=False' in err
+
+
+# ------------------------------------------------- aggregation and figure
+def _records():
+    recs = []
+    for name, role, accs in (('teacher', 'teacher', [90.0]),
+                             ('kd', 'student', [80.0, 83.0, 84.5]),
+                             ('alone', 'student', [70.0, 71.0])):
+        for seed, acc in enumerate(accs):
+            recs.append(dict(
+                name=name, role=role, seed=seed, student_params=2e5,
+                metrics={'cross_age/accuracy': acc,
+                         'cross_age/TAR@FAR=1e-3': acc / 200},
+                curves={'cross_age': dict(far=[1e-3, 1e-1, 1.0],
+                                          tar=[acc / 200, acc / 100, 1.0])},
+                epochs=2, batch_size=16, train_time_s=10.0 + seed,
+                test_time_s=1.0, device='cpu', torch='2', mmengine='0.10',
+                kdzoo='0.1', python='3', work_dir=f'w/{name}/{seed}'))
+    return recs
+
+
+def test_aggregate_matches_numpy_and_markdown_cells():
+    entries = aggregate(_records())
+    assert [(e['name'], e['n']) for e in entries] == \
+        [('teacher', 1), ('kd', 3), ('alone', 2)]
+    kd = entries[1]
+    accs = np.array([80.0, 83.0, 84.5])
+    assert kd['metrics']['cross_age/accuracy'] == pytest.approx(accs.mean())
+    assert kd['metrics_std']['cross_age/accuracy'] == \
+        pytest.approx(np.std(accs, ddof=1))
+    assert kd['curves']['cross_age']['tar'] == \
+        pytest.approx([np.mean(accs / 200), np.mean(accs / 100), 1.0])
+    assert kd['curves']['cross_age']['tar_std'][1] == \
+        pytest.approx(np.std(accs / 100, ddof=1))
+    assert kd['train_time_s'] == pytest.approx(11.0)
+    md = comparison_markdown(entries)
+    lines = md.splitlines()
+    assert lines[0].startswith('| run | role | params (M) | seed |')
+    (row, ) = [ln for ln in lines if ln.startswith('| kd |')]
+    assert f'| {accs.mean():.2f} ± {np.std(accs, ddof=1):.2f} |' in row
+    assert f'{np.mean(accs / 200):.4f} ± {np.std(accs / 200, ddof=1):.4f}' \
+        in row
+    (row, ) = [ln for ln in lines if ln.startswith('| teacher |')]
+    assert '| 90.00 |' in row and '±' not in row
+    # plain records (the old call) give the same table, plus the context
+    md2 = comparison_markdown(_records())
+    assert md2.startswith(md)
+    assert '- device: cpu; torch 2; mmengine 0.10; kdzoo 0.1; python 3' in md2
+    assert '- batch size: 16; epochs: 2' in md2
+    assert '| kd (seed 2) | 2 | 16 | 12 | 1 | cpu | w/kd/2 |' in md2
+
+
+def test_plot_two_panels_teacher_hatched_error_bars(tmp_path):
+    entries = aggregate(_records())
+    path = str(tmp_path / 'out' / 'comparison.png')
+    fig = write_comparison_plot(entries, path, title='suite: 3 seeds')
+    with open(path, 'rb') as f:
+        assert f.read(8) == PNG_MAGIC
+    assert os.listdir(tmp_path / 'out') == ['comparison.png']
+    roc, bars = fig.axes[:2]
+    assert len(fig.axes) == 2
+    assert roc.get_xscale() == 'log'
+    assert len(roc.get_lines()) == 3  # one curve per run
+    assert fig._suptitle.get_text() == 'suite: 3 seeds'
+    patches = bars.patches[:3]
+    assert [p.get_height() for p in patches] == pytest.approx(
+        [e['metrics']['cross_age/TAR@FAR=1e-3'] for e in entries])
+    assert patches[0].get_hatch() == '//' and not patches[1].get_hatch()
+    assert patches[0].get_facecolor() != patches[1].get_facecolor()
+    # std error bars: one segment per bar, kd's the longest
+    (errbar, ) = [c for c in bars.containers if hasattr(c, 'lines')]
+    segs = errbar.lines[2][0].get_segments()
+    lengths = [abs(s[1][1] - s[0][1]) for s in segs]
+    assert lengths[0] == 0 and lengths[1] == pytest.approx(
+        2 * np.std(np.array([80.0, 83.0, 84.5]) / 200, ddof=1))
+
+
+def test_plot_falls_back_to_a_measured_far(tmp_path):
+    """Tiny test sets cannot measure TAR@FAR=1e-3: the bars use the lowest
+    FAR every run measured."""
+    recs = _records()
+    for r in recs:
+        r['metrics'] = {'cross_age/TAR@FAR=1e-1': 0.5,
+                        'cross_age/TAR@FAR=2e-1': 0.6}
+    fig = write_comparison_plot(aggregate(recs), str(tmp_path / 'p.png'))
+    assert fig.axes[1].get_ylabel() == 'TAR@FAR=1e-1'
+
+
+# -------------------------------------------- the metric's TAR-vs-FAR curve
+def test_verification_metric_keeps_curve_beside_scalar_metrics():
+    from kdzoo.evaluation.metrics import FaceVerificationMetric
+    from kdzoo.utils import ConfigError
+    rng = np.random.default_rng(0)
+    n_img, n_pairs = 60, 300
+    emb = rng.normal(size=(n_img, 8)).astype(np.float32)
+    labels = rng.integers(0, 6, n_img)
+    pairs = rng.integers(0, n_img, size=(n_pairs, 2))
+    issame = labels[pairs[:, 0]] == labels[pairs[:, 1]]
+    metric = FaceVerificationMetric(num_folds=2,
+                                    curve_fars=(1e-3, 1e-2, 0.1, 0.5, 1.0))
+    metric.dataset_meta = dict(verification=dict(
+        p=dict(pairs=pairs, issame=issame, num_folds=2)))
+    metric.process({}, [dict(index=i, embedding=emb[i])
+                        for i in range(n_img)])
+    out = metric.evaluate(n_img)
+    assert all(isinstance(v, float) for v in out.values())  # scalars only
+    # reference: accept when the cosine is above the (k+1)-th largest
+    # negative score, k = floor(far * negatives), k >= 1
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    scores = [float(unit[a] @ unit[b]) for a, b in pairs]
+    neg = sorted((s for s, same in zip(scores, issame) if not same),
+                 reverse=True)
+    pos = [s for s, same in zip(scores, issame) if same]
+    far_ref, tar_ref = [], []
+    for far in (1e-3, 1e-2, 0.1, 0.5, 1.0):
+        k = int(np.floor(far * len(neg) + 1e-9))
+        if k < 1:
+            continue
+        thr = neg[k] if k < len(neg) else -np.inf
+        far_ref.append(far)
+        tar_ref.append(sum(s > thr for s in pos) / len(pos))
+    assert len(neg) < 1000 and 1e-3 not in far_ref  # unsupported: left out
+    assert metric.curves['p']['far'] == far_ref
+    assert metric.curves['p']['tar'] == pytest.approx(tar_ref)
+    assert out['p/TAR@FAR=1e-2'] == pytest.approx(tar_ref[0])
+    with pytest.raises(ConfigError, match='curve_fars'):
+        FaceVerificationMetric(curve_fars=(0.0, 0.1))
