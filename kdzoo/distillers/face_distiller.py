@@ -10,6 +10,7 @@ from torch import nn
 from kdzoo.registry import (BACKBONES, CONNECTORS, HEADS, LOSSES, MODELS,
                             TEACHERS)
 from kdzoo.utils import ConfigError, did_you_mean
+from kdzoo.engine.numerics import NonFiniteLossCheckMixin
 from .taps import Tap, TapRecorder, parse_tap, resolve_module_path
 
 RESERVED_NAMES = ('student', 'data', 'connectors')
@@ -40,7 +41,7 @@ class _Binding:
 
 
 @MODELS.register_module()
-class FaceDistiller(BaseModel):
+class FaceDistiller(NonFiniteLossCheckMixin, BaseModel):
     """Face-recognition distiller: trains a student from frozen teachers.
 
     Args:

@@ -2,6 +2,8 @@
 from .checkpoint import (AtomicLocalBackend, RUNNER_CHECKPOINT_ALLOWLIST,
                          find_resume_checkpoint, runner_checkpoint_policy)
 from .hooks import ExportStudentHook, RichProgressHook
+from .numerics import (GuardedAmpOptimWrapper, GuardedOptimWrapper,
+                       NonFiniteLossCheckMixin, NonFiniteLossError)
 from .optimizer import TrainableOptimWrapperConstructor
 from .runner import (KdzooRunner, config_hash, load_recipe, test_recipe,
                      train_recipe)
@@ -12,5 +14,6 @@ __all__ = [
     'find_resume_checkpoint', 'runner_checkpoint_policy', 'RichProgressHook',
     'ExportStudentHook', 'TrainableOptimWrapperConstructor', 'KdzooRunner',
     'config_hash', 'load_recipe', 'train_recipe', 'test_recipe',
-    'validate_config'
+    'validate_config', 'GuardedOptimWrapper', 'GuardedAmpOptimWrapper',
+    'NonFiniteLossCheckMixin', 'NonFiniteLossError'
 ]

@@ -1,20 +1,65 @@
-"""Check a recipe's registry types before anything is built."""
+"""Check a recipe's registry types and arguments before anything is built."""
+import inspect
+import os
+
 from mmengine.config import Config
 
 from kdzoo.registry import (DATA_SAMPLERS, DATASETS, HOOKS, METRICS, MODELS,
-                            TRANSFORMS)
+                            PARAM_SCHEDULERS, TRANSFORMS)
 from kdzoo.utils import ConfigError, did_you_mean
+
+# keys a component config may carry that are not constructor arguments
+_NON_ARGUMENTS = ('type', '_scope_', 'inputs')
 
 # Model sub-dicts whose "type" is a kdzoo model component (all in MODELS).
 _MODEL_KEYS_WITHOUT_TYPE = ('student', 'teachers', 'connectors',
                             'distill_losses', 'inputs', 'test_cfg')
 
 
-def _check_type(cfg: dict, registry, where: str) -> None:
+def _accepted_arguments(cls):
+    """Constructor argument names of ``cls``, or None if it takes any.
+
+    A ``**kwargs`` that is passed up the class hierarchy is followed to the
+    base classes' constructors (e.g. a dataset forwarding to BaseDataset).
+    """
+    names = set()
+    for klass in getattr(cls, '__mro__', (cls,)):
+        init = klass.__dict__.get('__init__')
+        if init is None:
+            continue
+        try:
+            params = inspect.signature(init).parameters
+        except (TypeError, ValueError):
+            return None
+        names |= {n for n, p in params.items() if n != 'self' and p.kind in (
+            p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            return names
+    return None
+
+
+def _check_arguments(cfg: dict, cls, where: str) -> None:
+    accepted = _accepted_arguments(cls)
+    if accepted is None:
+        return
+    for key in cfg:
+        if key not in accepted and key not in _NON_ARGUMENTS:
+            raise ConfigError(
+                f'{where}: {getattr(cls, "__name__", cls)} has no argument '
+                f'{key!r}.' + did_you_mean(str(key), accepted) +
+                f' Accepted arguments: {sorted(accepted)}')
+
+
+def _check_type(cfg: dict, registry, where: str,
+                check_args: bool = True) -> None:
     t = cfg.get('type')
     if t is None or not isinstance(t, str):
         return
-    if registry.get(t) is None:
+    cls = registry.get(t)
+    if cls is not None:
+        if check_args:
+            _check_arguments(cfg, cls, where)
+    else:
         known = list(registry.module_dict)
         parent = registry.parent
         while parent is not None:
@@ -75,3 +120,25 @@ def validate_config(cfg: Config, source: str = 'recipe') -> None:
                 _check_type(metric, METRICS, f'{name}[{i}]')
     for i, hook in enumerate(cfg.get('custom_hooks') or []):
         _check_type(hook, HOOKS, f'custom_hooks[{i}]')
+    schedulers = cfg.get('param_scheduler') or []
+    for i, sched in enumerate(schedulers if isinstance(schedulers, list)
+                              else [schedulers]):
+        if isinstance(sched, dict):
+            # arguments: mmengine consumes some itself (convert_to_iter_based)
+            _check_type(sched, PARAM_SCHEDULERS, f'param_scheduler[{i}]',
+                        check_args=False)
+    _check_optim_wrapper(cfg.get('optim_wrapper'))
+    load_from = cfg.get('load_from')
+    if load_from and not os.path.isfile(load_from):
+        raise ConfigError(f'load_from: file not found: {load_from!r}')
+
+
+def _check_optim_wrapper(wrapper) -> None:
+    """The non-finite guard's arguments (kdzoo.engine.numerics)."""
+    from .numerics import check_guard_args
+    if not isinstance(wrapper, dict):
+        return
+    guard = {k: wrapper[k] for k in ('nonfinite', 'max_consecutive',
+                                     'check_grads') if k in wrapper}
+    if guard:
+        check_guard_args(str(wrapper.get('type', 'OptimWrapper')), **guard)
