@@ -14,6 +14,7 @@ The distiller reads the argument names from the ``forward`` signature
 ``check_shapes`` with the shapes the bound tensors will have, so a recipe with
 mismatched shapes fails before training starts.
 """
+import contextlib
 import math
 from typing import Dict
 
@@ -71,3 +72,32 @@ def require_same_shape(name_a: str, shape_a, name_b: str, shape_b,
         raise ValueError(f'{name_a} has shape {tuple(shape_a)} but {name_b} '
                          f'has shape {tuple(shape_b)}; they must match.'
                          + (f' {hint}' if hint else ''))
+
+
+def is_finite_number(value) -> bool:
+    """True for a finite int/float (bools excluded): for argument checks."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def no_autocast(device_type: str):
+    """Disable autocast on ``device_type`` (float32 similarity math)."""
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        return contextlib.nullcontext()
+
+
+def require_embeddings_and_labels(shapes) -> None:
+    """``s_emb``/``t_emb`` (B×D) and ``labels`` (B) sharing one batch."""
+    require_ndim('s_emb', shapes['s_emb'], 2, 'B×D embeddings')
+    require_ndim('t_emb', shapes['t_emb'], 2, 'B×D embeddings')
+    require_ndim('labels', shapes['labels'], 1, 'B identity labels')
+    batch = shapes['s_emb'][0]
+    if shapes['t_emb'][0] != batch or shapes['labels'][0] != batch:
+        raise ValueError(
+            f's_emb has shape {tuple(shapes["s_emb"])}, t_emb '
+            f'{tuple(shapes["t_emb"])} and labels '
+            f'{tuple(shapes["labels"])}; they must share the batch size '
+            '(bind labels to "data.label" and both embeddings to the '
+            'same batch).')

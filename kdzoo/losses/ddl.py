@@ -1,7 +1,5 @@
 """DDL: distribution distillation loss, adapted to teacher->student KD."""
-import contextlib
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +7,8 @@ from mmengine.logging import print_log
 
 from kdzoo.registry import LOSSES
 from kdzoo.utils import ConfigError
-from .base import BaseDistillLoss, require_ndim
+from .base import (BaseDistillLoss, is_finite_number, no_autocast,
+                   require_embeddings_and_labels)
 
 
 @LOSSES.register_module()
@@ -80,17 +79,17 @@ class DDLLoss(BaseDistillLoss):
         for arg, value in (('pos_weight', pos_weight),
                            ('neg_weight', neg_weight),
                            ('order_weight', order_weight)):
-            if not _finite(value) or value < 0:
+            if not is_finite_number(value) or value < 0:
                 raise ConfigError(f'{name}: {arg} must be a finite number '
                                   f'>= 0, got {value!r}')
         if isinstance(num_bins, bool) or not isinstance(num_bins, int) \
                 or num_bins < 2:
             raise ConfigError(f'{name}: num_bins must be an integer >= 2, got '
                               f'{num_bins!r}')
-        if not _finite(sigma) or sigma <= 0:
+        if not is_finite_number(sigma) or sigma <= 0:
             raise ConfigError(f'{name}: sigma must be a finite number > 0, '
                               f'got {sigma!r}')
-        if not _finite(positive_threshold) or \
+        if not is_finite_number(positive_threshold) or \
                 not -1 <= positive_threshold < 1:
             raise ConfigError(f'{name}: positive_threshold must be in '
                               f'[-1, 1), got {positive_threshold!r}')
@@ -106,17 +105,7 @@ class DDLLoss(BaseDistillLoss):
         self._warned = set()
 
     def check_shapes(self, shapes):
-        require_ndim('s_emb', shapes['s_emb'], 2, 'B×D embeddings')
-        require_ndim('t_emb', shapes['t_emb'], 2, 'B×D embeddings')
-        require_ndim('labels', shapes['labels'], 1, 'B identity labels')
-        batch = shapes['s_emb'][0]
-        if shapes['t_emb'][0] != batch or shapes['labels'][0] != batch:
-            raise ValueError(
-                f's_emb has shape {tuple(shapes["s_emb"])}, t_emb '
-                f'{tuple(shapes["t_emb"])} and labels '
-                f'{tuple(shapes["labels"])}; they must share the batch size '
-                '(bind labels to "data.label" and both embeddings to the '
-                'same batch).')
+        require_embeddings_and_labels(shapes)
 
     # -------------------------------------------------------------- helpers
     def histogram(self, sims: torch.Tensor) -> torch.Tensor:
@@ -149,7 +138,7 @@ class DDLLoss(BaseDistillLoss):
                 labels: torch.Tensor) -> torch.Tensor:
         self.check_shapes(dict(s_emb=s_emb.shape, t_emb=t_emb.shape,
                                labels=labels.shape))
-        with _no_autocast(s_emb.device.type):
+        with no_autocast(s_emb.device.type):
             return self._forward(s_emb, t_emb, labels)
 
     def _forward(self, s_emb, t_emb, labels):
@@ -192,16 +181,3 @@ class DDLLoss(BaseDistillLoss):
                 f'order_weight={self.order_weight}, num_bins={self.num_bins}, '
                 f'sigma={self.sigma}, positive_threshold='
                 f'{self.positive_threshold}, ' + super().extra_repr())
-
-
-def _finite(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _no_autocast(device_type: str):
-    """Disable autocast on ``device_type`` (float32 similarity math)."""
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
-        return contextlib.nullcontext()

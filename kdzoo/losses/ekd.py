@@ -1,5 +1,4 @@
 """EKD: evaluation-oriented (TPR@FPR rank) knowledge distillation."""
-import contextlib
 import logging
 import math
 from typing import Sequence, Tuple
@@ -11,7 +10,8 @@ from mmengine.logging import print_log
 
 from kdzoo.registry import LOSSES
 from kdzoo.utils import ConfigError
-from .base import BaseDistillLoss, require_ndim
+from .base import (BaseDistillLoss, is_finite_number, no_autocast,
+                   require_embeddings_and_labels)
 
 
 # ------------------------------------------------------------------ gather
@@ -160,22 +160,22 @@ class EKDLoss(BaseDistillLoss):
         if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
             raise ConfigError(f'{name}: topk must be an integer >= 1, got '
                               f'{topk!r}')
-        if not _finite(tau) or tau <= 0:
+        if not is_finite_number(tau) or tau <= 0:
             raise ConfigError(f'{name}: tau must be a finite number > 0, got '
                               f'{tau!r}')
         for arg, value in (('pos_weight', pos_weight),
                            ('neg_weight', neg_weight)):
-            if not _finite(value) or value < 0:
+            if not is_finite_number(value) or value < 0:
                 raise ConfigError(f'{name}: {arg} must be a finite number '
                                   f'>= 0, got {value!r}')
-        if not _finite(momentum) or not 0 < momentum <= 1:
+        if not is_finite_number(momentum) or not 0 < momentum <= 1:
             raise ConfigError(f'{name}: momentum must be in (0, 1], got '
                               f'{momentum!r}')
         try:
             fars = tuple(fars)
         except TypeError:
             fars = None
-        if not fars or not all(_finite(f) and 0 < f < 1 for f in fars):
+        if not fars or not all(is_finite_number(f) and 0 < f < 1 for f in fars):
             raise ConfigError(f'{name}: fars must be a non-empty sequence of '
                               f'false-accept rates in (0, 1), got {fars!r}')
         self.topk = int(topk)
@@ -191,17 +191,7 @@ class EKDLoss(BaseDistillLoss):
 
     # --------------------------------------------------------------- checks
     def check_shapes(self, shapes):
-        require_ndim('s_emb', shapes['s_emb'], 2, 'B×D embeddings')
-        require_ndim('t_emb', shapes['t_emb'], 2, 'B×D embeddings')
-        require_ndim('labels', shapes['labels'], 1, 'B identity labels')
-        batch = shapes['s_emb'][0]
-        if shapes['t_emb'][0] != batch or shapes['labels'][0] != batch:
-            raise ValueError(
-                f's_emb has shape {tuple(shapes["s_emb"])}, t_emb '
-                f'{tuple(shapes["t_emb"])} and labels '
-                f'{tuple(shapes["labels"])}; they must share the batch size '
-                '(bind labels to "data.label" and both embeddings to the '
-                'same batch).')
+        require_embeddings_and_labels(shapes)
 
     # -------------------------------------------------------------- helpers
     def threshold_indices(self, num_neg: int) -> list:
@@ -245,7 +235,7 @@ class EKDLoss(BaseDistillLoss):
                 labels: torch.Tensor) -> torch.Tensor:
         self.check_shapes(dict(s_emb=s_emb.shape, t_emb=t_emb.shape,
                                labels=labels.shape))
-        with _no_autocast(s_emb.device.type):
+        with no_autocast(s_emb.device.type):
             return self._forward(s_emb, t_emb, labels)
 
     def _forward(self, s_emb, t_emb, labels):
@@ -297,16 +287,3 @@ class EKDLoss(BaseDistillLoss):
                 f'{self.pos_weight}, neg_weight={self.neg_weight}, momentum='
                 f'{self.momentum}, fars={self.fars}, all_gather='
                 f'{self.all_gather}, ' + super().extra_repr())
-
-
-def _finite(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _no_autocast(device_type: str):
-    """Disable autocast on ``device_type`` (float32 similarity math)."""
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
-        return contextlib.nullcontext()

@@ -1,7 +1,5 @@
 """Triplet distillation: a triplet loss whose margin comes from the teacher."""
-import contextlib
 import logging
-import math
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +7,8 @@ from mmengine.logging import print_log
 
 from kdzoo.registry import LOSSES
 from kdzoo.utils import ConfigError
-from .base import BaseDistillLoss, require_ndim
+from .base import (BaseDistillLoss, is_finite_number, no_autocast,
+                   require_embeddings_and_labels)
 
 _COS_EPS = 1e-7
 
@@ -64,7 +63,7 @@ class TripletDistillationLoss(BaseDistillLoss):
         super().__init__(loss_weight)
         name = type(self).__name__
         for arg, value in (('m_max', m_max), ('m_min', m_min)):
-            if not _finite(value) or value < 0:
+            if not is_finite_number(value) or value < 0:
                 raise ConfigError(f'{name}: {arg} must be a finite number '
                                   f'>= 0, got {value!r}')
         if m_max < m_min:
@@ -79,17 +78,7 @@ class TripletDistillationLoss(BaseDistillLoss):
         self._warned = False
 
     def check_shapes(self, shapes):
-        require_ndim('s_emb', shapes['s_emb'], 2, 'B×D embeddings')
-        require_ndim('t_emb', shapes['t_emb'], 2, 'B×D embeddings')
-        require_ndim('labels', shapes['labels'], 1, 'B identity labels')
-        batch = shapes['s_emb'][0]
-        if shapes['t_emb'][0] != batch or shapes['labels'][0] != batch:
-            raise ValueError(
-                f's_emb has shape {tuple(shapes["s_emb"])}, t_emb '
-                f'{tuple(shapes["t_emb"])} and labels '
-                f'{tuple(shapes["labels"])}; they must share the batch size '
-                '(bind labels to "data.label" and both embeddings to the '
-                'same batch).')
+        require_embeddings_and_labels(shapes)
 
     def pairwise_distance(self, emb: torch.Tensor) -> torch.Tensor:
         """B×B distance matrix (``l2``: squared L2 of unit vectors)."""
@@ -103,7 +92,7 @@ class TripletDistillationLoss(BaseDistillLoss):
                 labels: torch.Tensor) -> torch.Tensor:
         self.check_shapes(dict(s_emb=s_emb.shape, t_emb=t_emb.shape,
                                labels=labels.shape))
-        with _no_autocast(s_emb.device.type):
+        with no_autocast(s_emb.device.type):
             return self._forward(s_emb, t_emb, labels)
 
     def _forward(self, s_emb, t_emb, labels):
@@ -143,16 +132,3 @@ class TripletDistillationLoss(BaseDistillLoss):
     def extra_repr(self):
         return (f'm_max={self.m_max}, m_min={self.m_min}, distance='
                 f'{self.distance!r}, ' + super().extra_repr())
-
-
-def _finite(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _no_autocast(device_type: str):
-    """Disable autocast on ``device_type`` (float32 similarity math)."""
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
-        return contextlib.nullcontext()
