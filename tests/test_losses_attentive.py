@@ -433,3 +433,16 @@ def test_attentive_losses_on_cuda():
         got = att(s, t, *extra).item()
         want = att(s.cpu(), t.cpu(), *(x.cpu() for x in extra)).item()
         assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_teacher_weights_are_logged_by_the_distiller_not_summed():
+    from kdzoo.distillers.face_distiller import _extra_log_vars
+    loss = TeacherAttentionAngularLoss(teacher_dim=(4, 4))
+    assert _extra_log_vars('loss_aad', loss, 'cpu') == {}
+    s1, t1, s2, t2 = (torch.randn(5, 4) for _ in range(4))
+    loss(s1, t1, s2, t2)
+    logged = _extra_log_vars('loss_aad', loss, 'cpu')
+    assert sorted(logged) == ['aad_weight_1', 'aad_weight_2']
+    total = sum(v.item() for v in logged.values())
+    assert total == pytest.approx(1.0, abs=1e-5)
+    assert all('loss' not in k for k in logged)

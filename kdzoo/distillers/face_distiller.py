@@ -384,7 +384,9 @@ class FaceDistiller(NonFiniteLossCheckMixin, BaseModel):
                 for name, bindings in self._bindings.items():
                     kwargs = {b.arg: values[b.key] for b in bindings}
                     key = name if name.startswith('loss') else f'loss_{name}'
-                    losses[key] = self.distill_losses[name](**kwargs)
+                    loss = self.distill_losses[name]
+                    losses[key] = loss(**kwargs)
+                    losses.update(_extra_log_vars(key, loss, s_emb.device))
         finally:
             self.recorder.active = False
             self.recorder.clear()
@@ -416,6 +418,16 @@ def _drop_teacher_state(module, state_dict, prefix, local_metadata):
     for key in [k for k in state_dict if k.startswith(prefix + 'teachers.')]:
         del state_dict[key]
     return state_dict
+
+
+def _extra_log_vars(key: str, loss: nn.Module, device) -> dict:
+    """A loss's ``log_vars()`` as tensors mmengine logs but never sums."""
+    log_vars = getattr(loss, 'log_vars', None)
+    if not callable(log_vars):
+        return {}
+    short = key[len('loss_'):] if key.startswith('loss_') else key
+    return {f'{short}_{k}': torch.tensor(float(v), device=device)
+            for k, v in log_vars().items() if 'loss' not in f'{short}_{k}'}
 
 
 def _present(entries: Optional[dict]) -> dict:

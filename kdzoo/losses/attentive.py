@@ -430,6 +430,13 @@ class TeacherAttentionAngularLoss(BaseDistillLoss):
         neg_entropy = torch.xlogy(alpha, alpha).sum(1).mean()
         return self.loss_weight * (distill + self.beta * neg_entropy)
 
+    def log_vars(self):
+        """The batch-mean weight of each teacher (``weight_1``, ``weight_2``)."""
+        if self.last_weights is None:
+            return {}
+        return {f'weight_{k + 1}': float(w)
+                for k, w in enumerate(self.last_weights.tolist())}
+
     def extra_repr(self):
         return (f'teacher_dim={self.teacher_dims}, hidden={self.hidden}, '
                 f'p={self.p}, tau={self.tau}, alpha_min={self.alpha_min}, '

@@ -43,6 +43,14 @@ class BaseDistillLoss(nn.Module):
         The default accepts anything; plugins override it.
         """
 
+    def log_vars(self) -> Dict[str, float]:
+        """Extra scalars to log after a forward (none by default).
+
+        The distiller logs them as ``<loss name>_<key>`` next to the loss
+        terms (never summed into the total, their names hold no "loss").
+        """
+        return {}
+
     @staticmethod
     def current_epoch() -> int:
         """The runner's current epoch (0-based), 0 outside a runner.
