@@ -3,9 +3,12 @@
 One module per family or method: ``logit`` (KD, DKD, DIST, margin KD),
 ``angular`` (ShrinkTeaNet), ``feature`` (FitNets, AT, PKT, embedding L2 /
 cosine), ``relational`` (RKD, SP, CC, DarkRank), ``crd``, ``ekd``, ``ddl``,
-``triplet``, ``margin`` (MarginDistillation, AdaDistill) and ``attentive``
-(LIAAD's age-attention transfer and the two-teacher attention reading).
+``triplet``, ``margin`` (MarginDistillation, AdaDistill), ``attentive``
+(LIAAD's age-attention transfer and the two-teacher attention reading) and
+``age`` (terms that train an age-invariant teacher: OE-CNN norm regression,
+adversarial age classifier).
 """
+from .age import AgeAdversarialLoss, AgeNormRegressionLoss
 from .angular import AngularDistillationLoss
 from .attentive import AgeAttentionLoss, TeacherAttentionAngularLoss
 from .base import BaseDistillLoss
@@ -25,5 +28,6 @@ __all__ = [
     'EmbeddingL2Loss', 'CosineEmbeddingLoss', 'RKDLoss', 'SPLoss', 'CCLoss',
     'DarkRankLoss', 'CRDLoss', 'EKDLoss', 'DDLLoss', 'TripletDistillationLoss',
     'MarginDistillationLoss', 'AdaDistillLoss', 'AgeAttentionLoss',
-    'TeacherAttentionAngularLoss'
+    'TeacherAttentionAngularLoss', 'AgeNormRegressionLoss',
+    'AgeAdversarialLoss'
 ]
