@@ -46,16 +46,20 @@ def make_inputs(names, batch, dim, device, generator):
     for name in names:
         if name in ('s_logits', 't_logits'):
             values[name] = randn(batch, NUM_CLASSES) * 8
-        elif name in ('s_emb', 't_emb'):
+        elif name in ('s_emb', 't_emb', 's_emb_1', 't_emb_1', 's_emb_2',
+                      't_emb_2'):
             values[name] = randn(batch, dim)
         elif name in ('s_feat', 't_feat'):
             values[name] = randn(batch, *FEAT_SHAPE).relu()
         elif name == 'labels':
             values[name] = (torch.arange(batch) // 4 % NUM_CLASSES).to(device)
+        elif name == 'ages':
+            values[name] = torch.randint(5, 81, (batch,),
+                                         generator=generator).to(device)
         elif name == 'indices':
             values[name] = torch.randperm(batch, generator=generator).to(
                 device)
-    for name in ('s_logits', 's_emb', 's_feat'):
+    for name in ('s_logits', 's_emb', 's_feat', 's_emb_1', 's_emb_2'):
         if name in values:
             values[name].requires_grad_(True)
     return values
@@ -102,7 +106,7 @@ def main(argv=None):
     if args.only:
         names = [n for n in names if n in args.only.split(',')]
 
-    rows = []
+    rows, skipped = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         head_file = os.path.join(tmp, 'head.pth')
         torch.save({'weight': torch.randn(NUM_CLASSES, args.dim)}, head_file)
@@ -111,6 +115,11 @@ def main(argv=None):
             for name in names:
                 torch.manual_seed(0)
                 cls = LOSSES.get(name)
+                if hasattr(cls, 'attach_teachers'):
+                    # runs a teacher network: its cost is the teacher's
+                    skipped[name] = ('runs the frozen teacher\'s stages; '
+                                     'timed as part of training')
+                    continue
                 loss = cls(**configs.get(name, {})).to(device).train()
                 params = [p for p in inspect.signature(
                     loss.forward).parameters if p != 'self']
@@ -137,6 +146,8 @@ def main(argv=None):
         table.add_row(r['loss'], r['device'], f"{r['median_ms']:.2f}",
                       f"{r['min_ms']:.2f}")
     console().print(table)
+    for name, why in skipped.items():
+        print(f'not timed: {name} ({why})')
     record = dict(
         settings=dict(batch=args.batch, dim=args.dim,
                       num_classes=NUM_CLASSES, feat_shape=FEAT_SHAPE,
@@ -147,7 +158,7 @@ def main(argv=None):
                            if torch.cuda.is_available() else None)),
         versions=dict(torch=torch.__version__, kdzoo=kdzoo.__version__,
                       python=platform.python_version()),
-        results=rows)
+        results=rows, skipped=skipped)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     atomic_write_json(args.out, record)
     print(f'json: {args.out}')
