@@ -392,6 +392,32 @@ def test_plot_two_panels_teacher_hatched_error_bars(tmp_path):
         2 * np.std(np.array([80.0, 83.0, 84.5]) / 200, ddof=1))
 
 
+def test_plot_many_runs_distinct_styles_stacked_legend_outside(tmp_path):
+    """A baselines-sized suite: every student curve differs in colour or
+    line style, panels stack, the legend sits outside the curve axes."""
+    recs = []
+    base = [r for r in _records() if r['name'] == 'kd'][0]
+    for i in range(26):
+        r = json.loads(json.dumps(base))
+        r['name'], r['seed'] = f'run{i}', 0
+        r['role'] = 'teacher' if i == 0 else 'student'
+        recs.append(r)
+    fig = write_comparison_plot(aggregate(recs), str(tmp_path / 'p.png'))
+    roc, bars = fig.axes[:2]
+    lines = roc.get_lines()
+    assert len(lines) == 26
+    students = [(ln.get_color(), ln.get_linestyle()) for ln in lines[1:]]
+    assert len(set(map(str, students))) == 25
+    assert lines[0].get_linestyle() == '--'
+    # stacked: the bar axes lie below the curve axes
+    assert bars.get_position().y1 <= roc.get_position().y0
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    legend_box = roc.get_legend().get_window_extent(renderer)
+    assert legend_box.x0 >= roc.get_window_extent(renderer).x1 - 1
+
+
 def test_plot_falls_back_to_a_measured_far(tmp_path):
     """Tiny test sets cannot measure TAR@FAR=1e-3: the bars use the lowest
     FAR every run measured."""

@@ -1,8 +1,8 @@
 """The comparison figure of ``kdzoo compare`` (matplotlib, Agg, no display).
 
-Left: TAR against FAR (log x) on one verification protocol (default
-``cross_age``), one curve per run (mean over seeds, shaded ± std). Right:
-bars of TAR@FAR=1e-3 on that protocol, std error bars when a run has several
+Left (above, for more than eight runs): TAR against FAR (log x) on one
+verification protocol (default ``cross_age``), one curve per run (mean over
+seeds, shaded ± std). Right (below): bars of TAR@FAR=1e-3 on that protocol, std error bars when a run has several
 seeds; teacher bars are hatched grey, and the line of a teacher is dashed.
 """
 import io
@@ -15,6 +15,8 @@ __all__ = ['plot_comparison', 'write_comparison_plot', 'pick_protocol',
            'seeds_title']
 
 _TEACHER_COLOR = '0.55'
+_TEACHER_LINES = [('black', '--'), ('0.45', '--'), ('black', ':')]
+_SIDE_BY_SIDE_MAX = 8  # more runs: stack the panels, legends outside
 
 
 def pick_protocol(entries: Sequence[dict],
@@ -53,24 +55,32 @@ def plot_comparison(entries: Sequence[dict], title: str = 'comparison',
     (:func:`kdzoo.evaluation.report.aggregate`)."""
     from matplotlib.figure import Figure
     proto = protocol or pick_protocol(entries)
-    fig = Figure(figsize=(13, 5.2), layout='constrained')
-    ax_roc, ax_bar = fig.subplots(1, 2, width_ratios=(1.1, 1))
-    palette = iter(_palette())
-    colors = [None if e.get('role') == 'teacher' else next(palette)
+    many = len(entries) > _SIDE_BY_SIDE_MAX
+    if many:  # curves above bars, legends outside the axes
+        fig = Figure(figsize=(max(13, 0.45 * len(entries) + 4), 11),
+                     layout='constrained')
+        ax_roc, ax_bar = fig.subplots(2, 1)
+    else:
+        fig = Figure(figsize=(13, 5.2), layout='constrained')
+        ax_roc, ax_bar = fig.subplots(1, 2, width_ratios=(1.1, 1))
+    students = sum(e.get('role') != 'teacher' for e in entries)
+    palette = iter(_palette(students))
+    styles = [None if e.get('role') == 'teacher' else next(palette)
               for e in entries]
+    colors = [None if st is None else st[0] for st in styles]
 
     drawn = 0
-    for e, color in zip(entries, colors):
+    teacher_styles = iter(_TEACHER_LINES * len(entries))
+    for e, style in zip(entries, styles):
         curve = (e.get('curves') or {}).get(proto)
-        is_teacher = color is None
-        color = color or 'black'
+        is_teacher = style is None
+        color, linestyle = style or next(teacher_styles)
         if not curve or not curve.get('far'):
             continue
         far_, tar = curve['far'], curve['tar']
         label = e['name'] + (f' (n={e["n"]})' if e.get('n', 1) > 1 else '')
         ax_roc.plot(far_, tar, marker='.', color=color, label=label,
-                    linestyle='--' if is_teacher else '-',
-                    linewidth=2 if is_teacher else 1.5)
+                    linestyle=linestyle, linewidth=2 if is_teacher else 1.5)
         std = curve.get('tar_std')
         if std and e.get('n', 1) > 1:
             lo = [max(0.0, t - s) for t, s in zip(tar, std)]
@@ -84,7 +94,10 @@ def plot_comparison(entries: Sequence[dict], title: str = 'comparison',
     ax_roc.set_ylim(0, 1.02)
     ax_roc.grid(True, which='both', alpha=0.3)
     ax_roc.set_title(f'{proto}: TAR vs FAR' if proto else 'TAR vs FAR')
-    if drawn:
+    if drawn and many:
+        ax_roc.legend(fontsize='small', loc='center left',
+                      bbox_to_anchor=(1.01, 0.5), ncol=-(-drawn // 16))
+    elif drawn:
         ax_roc.legend(fontsize='small', loc='lower right')
     else:
         ax_roc.text(0.5, 0.5, 'no curve data', ha='center',
@@ -112,12 +125,14 @@ def plot_comparison(entries: Sequence[dict], title: str = 'comparison',
             ax_bar.text(x, 0.01, 'n/a', ha='center', fontsize='small')
         else:
             ax_bar.text(x, h + err + 0.01, f'{h:.3f}', ha='center',
-                        va='bottom', fontsize='x-small')
+                        va='bottom', fontsize='x-small',
+                        rotation=90 if many else 0)
     ax_bar.set_xticks(list(xs), names, rotation=45 if len(names) > 4 else 0,
                       ha='right' if len(names) > 4 else 'center')
     ax_bar.set_ylabel(f'TAR@FAR={far_key(bar_far)}')
     top = max([h + s for h, s in zip(heights, errs)] + [0.1])
-    ax_bar.set_ylim(0, min(1.05, max(0.1, top * 1.15 + 0.02)))
+    ax_bar.set_ylim(0, min(1.05, max(0.1, top * (1.3 if many else 1.15)
+                                     + 0.02)))
     ax_bar.set_title(f'{proto or "?"}: TAR@FAR={far_key(bar_far)}' + (
         ' (std over seeds)' if any(errs) else '') + (
         f'\n({far_key(far)} not measurable on this test set)'
@@ -130,15 +145,25 @@ def plot_comparison(entries: Sequence[dict], title: str = 'comparison',
                   label='teacher'),
             Patch(facecolor='white', edgecolor='black',
                   label='student runs')],
-            fontsize='small', loc='upper right')
+            fontsize='small',
+            **(dict(loc='upper left', bbox_to_anchor=(1.01, 1.0)) if many
+               else dict(loc='upper right')))
     fig.suptitle(title)
     return fig
 
 
-def _palette():
+def _palette(count: int):
+    """``(color, linestyle)`` per student run: matplotlib's ten default
+    colours, tab20 beyond ten runs, and line styles once colours repeat."""
+    if count <= 10:
+        colors = [f'C{i}' for i in range(10)]
+    else:
+        from matplotlib import colormaps
+        colors = [colormaps['tab20'](i) for i in range(20)]
+    styles = ('-', '-.', ':')
     i = 0
     while True:
-        yield f'C{i % 10}'
+        yield colors[i % len(colors)], styles[(i // len(colors)) % 3]
         i += 1
 
 
