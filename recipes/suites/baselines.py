@@ -1,12 +1,17 @@
-# Every baseline KD recipe (recipes/baselines/) next to the student alone and
-# angular KD, on the same student, FR teacher, SynthFaceAge data and
-# protocol. `kdzoo compare recipes/suites/baselines.py` trains what is
-# missing and tabulates; one seed (seed 0).
+# Every baseline KD recipe (recipes/baselines/) next to the student alone,
+# angular KD and the LIAAD recipes (recipes/liaad/), on the same student, FR
+# teacher, SynthFaceAge data and protocol. LIAAD's second teacher is trained
+# here too (recipes/teachers/iresnet_age_invariant_synthface_age.py).
+# `kdzoo compare recipes/suites/baselines.py` trains what is missing and
+# tabulates; one seed (seed 0).
 work_dir = 'work_dirs/baselines'
 _teacher = {'model.teachers.teacher_fr.checkpoint': '{teacher}/backbone.pth'}
 _teacher_head = dict(
     _teacher,
     **{'model.teachers.teacher_fr.head_checkpoint': '{teacher}/head.pth'})
+
+_age_teacher = {
+    'model.teachers.teacher_age.checkpoint': '{age_teacher}/backbone.pth'}
 
 
 def _kd(name, options=_teacher, **extra):
@@ -40,4 +45,16 @@ runs = [
     _kd('margin_distillation', **{
         'model.distill_losses.loss_md.head_checkpoint': '{teacher}/head.pth'}),
     _kd('adadistill'),
+    dict(name='age_teacher', role='teacher',
+         recipe='../teachers/iresnet_age_invariant_synthface_age.py'),
+    dict(name='liaad', recipe='../liaad/liaad.py',
+         cfg_options=dict(_teacher, **_age_teacher)),
+    dict(name='liaad_teacher_attention',
+         recipe='../liaad/liaad_teacher_attention.py',
+         cfg_options=dict(_teacher, **_age_teacher)),
+    # ablations: each drops one teacher
+    dict(name='liaad_fr_stagewise', recipe='../liaad/liaad_fr_stagewise.py',
+         cfg_options=_teacher),
+    dict(name='liaad_age_attention', recipe='../liaad/liaad_age_attention.py',
+         cfg_options=_age_teacher),
 ]
