@@ -1,8 +1,9 @@
 # The default LIAAD-vs-baselines comparison on the embedded data, sized to
 # finish within 30 minutes on a 2-core CPU (one seed): both teachers (the
-# general FR teacher and LIAAD's age-invariant one), the student alone, the
-# strongest baseline of each family from recipes/suites/baselines.py (which
-# has all of them), LIAAD and its ablations. Same student, data, schedule and
+# general FR teacher and LIAAD's age-invariant one), the student alone,
+# angular KD, KD, RKD and EKD (one logit, one relational and one
+# face-evaluation baseline; recipes/suites/baselines.py has all of them),
+# LIAAD and its ablations. Same student, data, schedule and
 # protocol for every student run.
 #   kdzoo compare recipes/suites/synthface_age.py [--seeds 3]
 # Reconstructed parts of LIAAD: see recipes/liaad/liaad.py and the README.
