@@ -38,3 +38,9 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+    """SynthFaceAge cache shared by a module's runs (rendered once)."""
+    return str(tmp_path_factory.mktemp('synthface_cache'))

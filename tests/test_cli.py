@@ -19,50 +19,18 @@ import kdzoo  # noqa: F401
 from kdzoo.cli import main
 from kdzoo.evaluation import roc_auc, tar_at_far, verification_accuracy
 from kdzoo.registry import BACKBONES
+from tiny_runs import (STUDENT_BACKBONE, TEACHER_BACKBONE, as_cli,
+                       random_teacher, tiny_options)
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 RECIPES = os.path.join(ROOT, 'recipes')
 STUDENT = os.path.join(RECIPES, 'students', 'mbf_synthface_age.py')
 TEACHER = os.path.join(RECIPES, 'teachers', 'iresnet_synthface_age.py')
 KD = os.path.join(RECIPES, 'kd', 'angular_kd_synthface_age.py')
-# = recipes/_base_/models/synthface_cpu_models.py
-STUDENT_BACKBONE = dict(type='MobileFaceNet', width_mult=0.125,
-                        blocks=(1, 1, 1, 1), embedding_size=64,
-                        input_size=(32, 32))
-TEACHER_BACKBONE = dict(type='IResNet', width_mult=0.25, layers=(1, 2, 2, 1),
-                        embedding_size=128, input_size=(32, 32))
-
-
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-    """SynthFaceAge cache shared by this module's runs (rendered once)."""
-    return str(tmp_path_factory.mktemp('synthface_cache'))
 
 
 def tiny(cache_dir, epochs=1, **extra):
-    """--cfg-options shrinking a SynthFaceAge recipe to seconds on CPU."""
-    options = {
-        'train_dataloader.dataset.num_identities': 20,
-        'train_dataloader.dataset.images_per_identity': 6,
-        'train_dataloader.dataset.cache_dir': cache_dir,
-        'train_dataloader.batch_size': 32,
-        'model.student.head.num_classes': 20,
-        # 20 identities: the minimum for 10 verification folds
-        'test_dataloader.dataset.num_identities': 20,
-        'test_dataloader.dataset.images_per_identity': 4,
-        'test_dataloader.dataset.num_distractors': 20,
-        'test_dataloader.dataset.cache_dir': cache_dir,
-        'train_cfg.max_epochs': epochs,
-    }
-    options.update(extra)
-    return [f'{k}={v!r}' if isinstance(v, str) else f'{k}={v}'
-            for k, v in options.items()]
-
-
-def random_teacher(path, seed=1):
-    torch.manual_seed(seed)
-    torch.save(BACKBONES.build(TEACHER_BACKBONE).state_dict(), path)
-    return str(path)
+    return as_cli(tiny_options(cache_dir, epochs, **extra))
 
 
 def read_json(path):

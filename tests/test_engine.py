@@ -18,52 +18,14 @@ import kdzoo  # noqa: F401
 from kdzoo.cli import main
 from kdzoo.engine import (AtomicLocalBackend, find_resume_checkpoint,
                           load_recipe, runner_checkpoint_policy, train_recipe)
-from kdzoo.registry import BACKBONES, HOOKS
+from kdzoo.registry import HOOKS
+from tiny_runs import as_cli, random_teacher
+from tiny_runs import tiny_options as tiny
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 RECIPES = os.path.join(ROOT, 'recipes')
 STUDENT = os.path.join(RECIPES, 'students', 'mbf_synthface_age.py')
 KD = os.path.join(RECIPES, 'kd', 'angular_kd_synthface_age.py')
-# = teacher_backbone in recipes/_base_/models/synthface_cpu_models.py
-TEACHER_BACKBONE = dict(type='IResNet', width_mult=0.25, layers=(1, 2, 2, 1),
-                        embedding_size=128, input_size=(32, 32))
-
-
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-    """SynthFaceAge cache shared by this module's runs (rendered once)."""
-    return str(tmp_path_factory.mktemp('synthface_cache'))
-
-
-def tiny(cache_dir, epochs=1, **extra):
-    """cfg_options shrinking a SynthFaceAge recipe to seconds on CPU."""
-    options = {
-        'train_dataloader.dataset.num_identities': 20,
-        'train_dataloader.dataset.images_per_identity': 6,
-        'train_dataloader.dataset.cache_dir': cache_dir,
-        'train_dataloader.batch_size': 32,
-        'model.student.head.num_classes': 20,
-        # 20 identities: the minimum for 10 verification folds
-        'test_dataloader.dataset.num_identities': 20,
-        'test_dataloader.dataset.images_per_identity': 4,
-        'test_dataloader.dataset.num_distractors': 20,
-        'test_dataloader.dataset.cache_dir': cache_dir,
-        'train_cfg.max_epochs': epochs,
-    }
-    options.update(extra)
-    return options
-
-
-def as_cli(options):
-    return [f'{k}={v!r}' if isinstance(v, str) else f'{k}={v}'
-            for k, v in options.items()]
-
-
-def random_teacher(path):
-    torch.manual_seed(1)
-    net = BACKBONES.build(TEACHER_BACKBONE)
-    torch.save(net.state_dict(), path)
-    return str(path)
 
 
 def load_runner_ckpt(path):

@@ -48,51 +48,18 @@ from kdzoo.engine.optimizer import TrainableOptimWrapperConstructor
 from kdzoo.losses.base import BaseDistillLoss
 from kdzoo.registry import BACKBONES, LOSSES
 from kdzoo.utils import ConfigError, KdzooError
+from tiny_runs import TEACHER_BACKBONE, as_cli, tiny_options
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 RECIPES = os.path.join(ROOT, 'recipes')
 STUDENT = os.path.join(RECIPES, 'students', 'mbf_synthface_age.py')
 KD = os.path.join(RECIPES, 'kd', 'angular_kd_synthface_age.py')
-# = teacher_backbone in recipes/_base_/models/synthface_cpu_models.py
-TEACHER_BACKBONE = dict(type='IResNet', width_mult=0.25, layers=(1, 2, 2, 1),
-                        embedding_size=128, input_size=(32, 32))
 NAN = float('nan')
 
 
 # ================================================================ helpers
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-    """SynthFaceAge cache shared by this module's runs (rendered once)."""
-    return str(tmp_path_factory.mktemp('synthface_cache'))
-
-
 def tiny(cache_dir, epochs=1, test=False, **extra):
-    """cfg_options shrinking the student recipe to seconds on CPU
-    (120 training images, batch 32: 4 iterations per epoch)."""
-    options = {
-        'train_dataloader.dataset.num_identities': 20,
-        'train_dataloader.dataset.images_per_identity': 6,
-        'train_dataloader.dataset.cache_dir': cache_dir,
-        'train_dataloader.batch_size': 32,
-        'model.student.head.num_classes': 20,
-        'train_cfg.max_epochs': epochs,
-    }
-    if test:
-        options.update({
-            'test_dataloader.dataset.num_identities': 20,
-            'test_dataloader.dataset.images_per_identity': 4,
-            'test_dataloader.dataset.num_distractors': 20,
-            'test_dataloader.dataset.cache_dir': cache_dir})
-    else:
-        options.update(test_dataloader=None, test_cfg=None,
-                       test_evaluator=None)
-    options.update(extra)
-    return options
-
-
-def as_cli(options):
-    return [f'{k}={v!r}' if isinstance(v, str) else f'{k}={v}'
-            for k, v in options.items()]
+    return tiny_options(cache_dir, epochs, test, **extra)
 
 
 def one_line_error(capsys, *needles):
