@@ -87,7 +87,7 @@ def test_pack_face_inputs_sample():
     assert out['inputs'].dtype == torch.uint8
     assert out['inputs'].shape == (3, 20, 20)
     assert out['data_samples'] == dict(index=5, label=1,
-                                       age=int(ds.ages[5]))
+                                       age=int(ds.ages[5]), flip=0)
     assert torch.equal(out['inputs'],
                        torch.from_numpy(info['img']).permute(2, 0, 1))
 

@@ -37,9 +37,10 @@ class PackFaceInputs(BaseTransform):
     """Pack a face sample as ``dict(inputs, data_samples)``.
 
     ``inputs`` is a uint8 tensor 3×H×W (RGB); ``data_samples`` is a dict of
-    ints: ``index`` (dataset index), ``label`` (identity, -1 if unknown) and
-    ``age`` (years, -1 if unknown). With mmengine's ``default_collate`` a
-    batch becomes ``inputs`` B×3×H×W and ``data_samples`` a dict of B-tensors.
+    ints: ``index`` (dataset index), ``label`` (identity, -1 if unknown),
+    ``age`` (years, -1 if unknown) and ``flip`` (1 if mirrored; a cached
+    teacher reads its embedding by index and flip). With mmengine's
+    ``default_collate`` a batch becomes ``inputs`` B×3×H×W and ``data_samples`` a dict of B-tensors.
     """
 
     def transform(self, results: dict) -> dict:
@@ -54,5 +55,6 @@ class PackFaceInputs(BaseTransform):
             index=int(results.get('sample_idx', -1)),
             label=int(results.get('label', -1)),
             age=int(results.get('age', -1)),
+            flip=int(bool(results.get('flip', False))),
         )
         return dict(inputs=inputs, data_samples=data_samples)

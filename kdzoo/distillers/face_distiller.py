@@ -67,6 +67,11 @@ class FaceDistiller(NonFiniteLossCheckMixin, BaseModel):
             check; defaults to the student backbone's ``input_size``.
         test_cfg: ``dict(flip=True)``: test embeddings are the sum of the
             image's and its horizontal flip's (insightface protocol).
+        teacher_cache: ``dict(teachers=[names], cache_dir=None,
+            dtype='float32')``: read these teachers' embeddings from a cache
+            built once before training (``TeacherCacheHook``) instead of
+            running them every step. Only for teachers whose outputs the
+            losses use at the embedding/logits level (no stage taps).
 
     Everything is validated at build time: unknown loss arguments, missing
     required arguments, unknown tap paths (with the nearest module names),
@@ -79,6 +84,7 @@ class FaceDistiller(NonFiniteLossCheckMixin, BaseModel):
                  cls_loss_weight: float = 1.0,
                  data_preprocessor: Optional[dict] = None,
                  input_size=None, test_cfg: Optional[dict] = None,
+                 teacher_cache: Optional[dict] = None,
                  init_cfg: Optional[dict] = None):
         if data_preprocessor is None:
             data_preprocessor = dict(type='FaceDataPreprocessor')
@@ -123,6 +129,8 @@ class FaceDistiller(NonFiniteLossCheckMixin, BaseModel):
 
         self.recorder = TapRecorder()
         self._register_taps()
+        self.teacher_cache_cfg = self._check_teacher_cache(teacher_cache)
+        self._teacher_caches: Dict[str, object] = {}
         self.input_size = tuple(input_size or getattr(
             self.student.backbone, 'input_size', (112, 112)))
         self._check_shapes()
@@ -264,6 +272,75 @@ class FaceDistiller(NonFiniteLossCheckMixin, BaseModel):
                 self.recorder.add(tap.text, module, tap.record_input)
                 self._module_taps[tap.text] = path
 
+    def _check_teacher_cache(self, cfg: Optional[dict]) -> Optional[dict]:
+        if not cfg:
+            return None
+        where = 'model.teacher_cache'
+        if not isinstance(cfg, dict):
+            raise ConfigError(f'{where} must be dict(teachers=[...], '
+                              "cache_dir=None, dtype='float32')")
+        unknown = set(cfg) - {'teachers', 'cache_dir', 'dtype'}
+        if unknown:
+            raise ConfigError(f'{where}: unknown keys {sorted(unknown)}; '
+                              'accepted: teachers, cache_dir, dtype')
+        names = cfg.get('teachers')
+        if names == 'all':
+            names = list(self._used_teachers)
+        if isinstance(names, str) or not names:
+            raise ConfigError(f"{where}.teachers must be a list of teacher "
+                              f"names or 'all'; teachers: "
+                              f'{list(self.teachers)}')
+        for name in names:
+            if name not in self.teachers:
+                raise ConfigError(f'{where}.teachers: {name!r} is not a '
+                                  f'teacher; teachers: {list(self.teachers)}'
+                                  + did_you_mean(str(name), self.teachers))
+            for loss_name, bindings in self._bindings.items():
+                for b in bindings:
+                    if b.tap.source == name and b.tap.is_module:
+                        raise ConfigError(
+                            f'{where}.teachers: {name!r} cannot be cached: '
+                            f'model.distill_losses.{loss_name}.inputs.'
+                            f'{b.arg} taps {b.tap.text!r}, a feature map the '
+                            'cache does not hold (it stores embeddings). '
+                            f'Remove {name!r} from the cached teachers')
+        dtype = cfg.get('dtype', 'float32')
+        if dtype not in ('float32', 'float16'):
+            raise ConfigError(f"{where}.dtype must be 'float32' or "
+                              f"'float16', got {dtype!r}")
+        return dict(teachers=list(names), cache_dir=cfg.get('cache_dir'),
+                    dtype=dtype)
+
+    def set_teacher_cache(self, name: str, cache) -> None:
+        """Serve teacher ``name``'s embeddings from ``cache`` (a
+        ``TeacherOutputCache`` over the training set) from now on."""
+        if not self.teacher_cache_cfg or \
+                name not in self.teacher_cache_cfg['teachers']:
+            raise ConfigError(f'teacher {name!r} is not in '
+                              'model.teacher_cache.teachers')
+        self._teacher_caches[name] = cache
+
+    def _teacher_embedding(self, name: str, inputs: torch.Tensor,
+                           data: dict, use_cache: bool) -> torch.Tensor:
+        teacher = self.teachers[name]
+        cached = (self.teacher_cache_cfg is not None and use_cache
+                  and name in self.teacher_cache_cfg['teachers'])
+        if not cached:
+            return teacher(inputs)
+        cache = self._teacher_caches.get(name)
+        if cache is None:
+            raise ConfigError(
+                f'model.teacher_cache lists {name!r} but its cache was not '
+                'prepared: train through `kdzoo train` (which adds '
+                "TeacherCacheHook) or add custom_hooks=[dict(type="
+                "'TeacherCacheHook')]")
+        if 'flip' not in data or 'index' not in data:
+            raise ConfigError(
+                'a cached teacher needs data_samples with index and flip: '
+                'end the training pipeline with PackFaceInputs')
+        return cache.lookup(data['index'], data['flip'],
+                            device=inputs.device, dtype=inputs.dtype)
+
     @property
     def _used_teachers(self):
         return [t for t in self.teachers
@@ -315,7 +392,8 @@ class FaceDistiller(NonFiniteLossCheckMixin, BaseModel):
         for name in self._used_teachers:
             teacher = self.teachers[name]
             with torch.no_grad():
-                t_emb = teacher(inputs)
+                t_emb = self._teacher_embedding(name, inputs, data,
+                                                use_cache=not build)
                 outputs[f'{name}.embedding'] = t_emb
                 if teacher.head is not None:
                     outputs[f'{name}.logits'] = teacher.logits(t_emb)

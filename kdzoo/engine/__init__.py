@@ -5,6 +5,7 @@ from .hooks import ExportStudentHook, RichProgressHook
 from .numerics import (GuardedAmpOptimWrapper, GuardedOptimWrapper,
                        NonFiniteLossCheckMixin, NonFiniteLossError)
 from .optimizer import TrainableOptimWrapperConstructor
+from .teacher_cache_hook import TeacherCacheHook
 from .runner import (KdzooRunner, config_hash, load_recipe, test_recipe,
                      train_recipe)
 from .validate import validate_config
@@ -12,7 +13,8 @@ from .validate import validate_config
 __all__ = [
     'AtomicLocalBackend', 'RUNNER_CHECKPOINT_ALLOWLIST',
     'find_resume_checkpoint', 'runner_checkpoint_policy', 'RichProgressHook',
-    'ExportStudentHook', 'TrainableOptimWrapperConstructor', 'KdzooRunner',
+    'ExportStudentHook', 'TeacherCacheHook',
+    'TrainableOptimWrapperConstructor', 'KdzooRunner',
     'config_hash', 'load_recipe', 'train_recipe', 'test_recipe',
     'validate_config', 'GuardedOptimWrapper', 'GuardedAmpOptimWrapper',
     'NonFiniteLossCheckMixin', 'NonFiniteLossError'

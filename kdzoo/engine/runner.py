@@ -73,8 +73,20 @@ def load_recipe(path: str, cfg_options: Optional[dict] = None,
         cfg.work_dir = os.path.join(
             'work_dirs', os.path.splitext(os.path.basename(path))[0])
     cfg.setdefault('default_scope', 'kdzoo')
+    _add_teacher_cache_hook(cfg)
     validate_config(cfg, source=path)
     return cfg
+
+
+def _add_teacher_cache_hook(cfg: Config) -> None:
+    """A recipe with ``model.teacher_cache`` gets ``TeacherCacheHook``."""
+    if not (cfg.get('model') or {}).get('teacher_cache'):
+        return
+    hooks = list(cfg.get('custom_hooks') or [])
+    if not any(h.get('type') in ('TeacherCacheHook', 'kdzoo.TeacherCacheHook')
+               for h in hooks):
+        hooks.append(dict(type='TeacherCacheHook'))
+        cfg.custom_hooks = hooks
 
 
 def _sync_schedule(cfg: Config, old_epochs) -> None:

@@ -1,0 +1,137 @@
+"""Prepare the distiller's teacher-output caches before training starts."""
+import os
+import time
+
+import torch
+from mmengine.dataset import BaseDataset, Compose
+from mmengine.dist import barrier, get_rank
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+
+from kdzoo.registry import HOOKS
+from kdzoo.teachers.cache import (build_teacher_cache, cache_file_name,
+                                  cache_key, dataset_checksum,
+                                  default_teacher_cache_dir, open_valid_cache,
+                                  teacher_checksum)
+from kdzoo.utils import ConfigError
+from kdzoo.version import __version__
+
+# Transforms a cached teacher's input may pass through: decoding, the flip
+# (the cache holds both versions) and packing. Anything else (crops, colour
+# jitter) would make the teacher's real input differ from the cached one.
+CACHE_SAFE_TRANSFORMS = ('RandomHorizontalFlip', 'PackFaceInputs')
+
+
+@HOOKS.register_module()
+class TeacherCacheHook(Hook):
+    """Build or load the cache of every teacher in ``model.teacher_cache``.
+
+    Embeds the training set (image and mirror) with each listed teacher once,
+    at the training batch size, in dataset order, and hands the distiller a
+    memory-mapped cache it reads instead of running the teacher. Files are
+    keyed by content (see ``kdzoo.teachers.cache``), so every run that shares
+    data and teacher (a whole ``kdzoo compare`` suite) reuses them. With
+    several processes, rank 0 builds and the others wait and read.
+
+    ``kdzoo train``/``compare`` add this hook when the recipe sets
+    ``model.teacher_cache``.
+    """
+
+    priority = 'VERY_HIGH'
+
+    def before_train(self, runner):
+        model = runner.model.module if hasattr(runner.model, 'module') \
+            else runner.model
+        cfg = getattr(model, 'teacher_cache_cfg', None)
+        if not cfg or not cfg['teachers']:
+            return
+        loader = runner.train_dataloader
+        dataset = loader.dataset
+        _check_dataset(dataset)
+        batch_size = int(loader.batch_size)
+        cache_dir = cfg.get('cache_dir') or default_teacher_cache_dir()
+        pack_only = Compose([t for t in dataset.pipeline.transforms
+                             if type(t).__name__ == 'PackFaceInputs'])
+        data_sum, count = dataset_checksum(
+            _images(dataset, pack_only))
+        device = next(model.student.parameters()).device
+        for name in cfg['teachers']:
+            teacher = model.teachers[name]
+            key = cache_key(teacher_checksum(teacher), data_sum, batch_size,
+                            cfg['dtype'])
+            path = os.path.join(cache_dir, cache_file_name(name, key))
+            size = teacher.embedding_size
+            t0 = time.time()
+            if get_rank() == 0 and open_valid_cache(path, count,
+                                                    size) is None:
+                print_log(f'teacher cache: embedding {count} images and '
+                          f'their mirrors with {name!r} -> {path}',
+                          logger='current')
+                info = dict(teacher=name, teacher_type=type(teacher).__name__,
+                            source=getattr(teacher, 'checkpoint', None) or
+                            getattr(teacher, 'file', None),
+                            dataset=type(dataset).__name__,
+                            num_samples=count, batch_size=batch_size,
+                            dtype=cfg['dtype'], key=key,
+                            kdzoo=__version__)
+                build_teacher_cache(
+                    teacher,
+                    _batches(dataset, pack_only, model.data_preprocessor,
+                             batch_size, device),
+                    count, path, dtype=cfg['dtype'], info=info)
+                print_log(f'teacher cache {name!r}: built in '
+                          f'{time.time() - t0:.1f} s', logger='current')
+            barrier()
+            cache = open_valid_cache(path, count, size)
+            if cache is None:
+                raise ConfigError(f'teacher cache for {name!r} at {path} '
+                                  'could not be opened after building it')
+            model.set_teacher_cache(name, cache)
+            print_log(f'teacher cache {name!r}: {path} ({count}x2x'
+                      f'{cache.embedding_size})', logger='current')
+
+
+def _check_dataset(dataset) -> None:
+    if not isinstance(dataset, BaseDataset) or not hasattr(dataset,
+                                                          'pipeline'):
+        raise ConfigError(
+            f'model.teacher_cache needs a plain training dataset (an '
+            f'mmengine BaseDataset), got {type(dataset).__name__}; dataset '
+            'wrappers renumber samples. Remove model.teacher_cache or use '
+            'one dataset')
+    names = [type(t).__name__ for t in dataset.pipeline.transforms]
+    unsafe = [n for n in names if n not in CACHE_SAFE_TRANSFORMS]
+    if unsafe:
+        raise ConfigError(
+            f'model.teacher_cache: the training pipeline has {unsafe}, which '
+            f'change what the teacher sees; a cached teacher allows only '
+            f'{list(CACHE_SAFE_TRANSFORMS)}. Remove them or remove '
+            'model.teacher_cache')
+    if 'PackFaceInputs' not in names:
+        raise ConfigError('model.teacher_cache: the training pipeline must '
+                          'end with PackFaceInputs (it records each '
+                          "sample's index and flip)")
+
+
+def _packed(dataset, pipeline, index):
+    info = dataset.get_data_info(index)
+    return pipeline(info)
+
+
+def _images(dataset, pipeline):
+    for i in range(len(dataset)):
+        yield _packed(dataset, pipeline, i)['inputs'].numpy()
+
+
+def _batches(dataset, pipeline, preprocessor, batch_size, device):
+    """Full batches of normalised images in dataset order; the last one is
+    padded by repeating its final image."""
+    n = len(dataset)
+    for start in range(0, n, batch_size):
+        idx = list(range(start, min(start + batch_size, n)))
+        valid = len(idx)
+        idx += [idx[-1]] * (batch_size - valid)
+        uint8 = torch.stack([_packed(dataset, pipeline, i)['inputs']
+                             for i in idx])
+        inputs = preprocessor(dict(inputs=uint8.to(device)), False)['inputs']
+        yield inputs, valid

@@ -1,0 +1,206 @@
+"""Teacher-output cache: each frozen teacher's embeddings, computed once.
+
+Face training's only augmentation is a horizontal flip, so a frozen teacher
+sees exactly two versions of each training image. Embedding-level losses
+(KD on embeddings, angular, RKD, EKD, ...) therefore need the teacher run
+once per image and flip, not once per step: ``build_teacher_cache`` embeds
+the whole training set (image and mirror) and stores a memory-mapped
+``(N, 2, D)`` array; training then reads rows by ``(index, flip)``.
+
+The file name is a SHA-256 of the dataset's pixels (in dataset order), the
+teacher's weights, class, input normalisation and size, the batch
+normalisation the student uses, and the batch size the embeddings were
+computed at. Batches are always full (the last one is padded): on CPU and
+GPU a convolution's per-sample result can depend on the batch *size*, not
+on the other samples, so a cache built at the training batch size equals
+the online teacher's output exactly on full training batches (tested).
+"""
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from typing import Iterable, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+
+from kdzoo.utils import ConfigError, DataError, atomic_write_json
+
+__all__ = ['TeacherOutputCache', 'teacher_checksum', 'dataset_checksum',
+           'default_teacher_cache_dir', 'build_teacher_cache',
+           'CACHE_VERSION']
+
+# Part of every cache key: bump when what is stored changes.
+CACHE_VERSION = 'teacher-cache-1'
+_DTYPES = {'float32': np.float32, 'float16': np.float16}
+
+
+def default_teacher_cache_dir() -> str:
+    """``$KDZOO_CACHE/teacher_outputs``, else ``~/.cache/kdzoo/...``."""
+    root = os.environ.get('KDZOO_CACHE') or os.path.join(
+        os.path.expanduser('~'), '.cache', 'kdzoo')
+    return os.path.join(os.path.expanduser(root), 'teacher_outputs')
+
+
+def teacher_checksum(teacher: torch.nn.Module) -> str:
+    """SHA-256 of a frozen teacher: class, weights and buffers, input
+    normalisation (its own and the student's) and input size."""
+    h = hashlib.sha256()
+    h.update(type(teacher).__name__.encode())
+    h.update(type(getattr(teacher, 'network', teacher)).__name__.encode())
+    state = teacher.state_dict()
+    for extra in ('mean', 'std', 'src_mean', 'src_std'):
+        value = getattr(teacher, extra, None)
+        if isinstance(value, torch.Tensor):
+            state[f'<{extra}>'] = value
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        h.update(f'{name}|{tensor.dtype}|{tuple(tensor.shape)}'.encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(repr(getattr(teacher, 'input_size', None)).encode())
+    return h.hexdigest()
+
+
+def dataset_checksum(images: Iterable[np.ndarray]) -> Tuple[str, int]:
+    """SHA-256 of the images in order (shape and pixels) and their count."""
+    h = hashlib.sha256()
+    count = 0
+    for img in images:
+        img = np.ascontiguousarray(img)
+        h.update(f'{img.shape}|{img.dtype}'.encode())
+        h.update(img.tobytes())
+        count += 1
+    return h.hexdigest(), count
+
+
+class TeacherOutputCache:
+    """A built cache: rows ``(index, flip)`` of a memory-mapped array.
+
+    Args:
+        path: the ``.npy`` file (N×2×D; ``[:, 0]`` image, ``[:, 1]`` mirror).
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.array = np.load(path, mmap_mode='r')
+        except (OSError, ValueError) as e:
+            raise DataError(f'{path}: unreadable teacher-output cache '
+                            f'({e}); delete it to rebuild') from None
+        if self.array.ndim != 3 or self.array.shape[1] != 2:
+            raise DataError(f'{path}: teacher-output cache has shape '
+                            f'{self.array.shape}, expected (N, 2, D); '
+                            'delete it to rebuild')
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    @property
+    def embedding_size(self) -> int:
+        return self.array.shape[2]
+
+    def lookup(self, index: torch.Tensor, flip: torch.Tensor,
+               device=None, dtype=torch.float32) -> torch.Tensor:
+        """Embeddings of samples ``index`` (B,), mirrored where ``flip``."""
+        idx = index.detach().cpu().long().numpy()
+        flp = flip.detach().cpu().long().numpy()
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise DataError(
+                f'{self.path}: sample index {int(idx.max())} out of range; '
+                f'the cache holds {len(self)} samples (was the dataset '
+                'changed after the cache was prepared?)')
+        if flp.size and not np.isin(flp, (0, 1)).all():
+            raise DataError(f'{self.path}: flip flags must be 0 or 1')
+        rows = np.asarray(self.array[idx, flp], dtype=np.float32)
+        return torch.from_numpy(rows).to(device=device, dtype=dtype)
+
+
+def build_teacher_cache(teacher: torch.nn.Module,
+                        batches: Iterator[Tuple[torch.Tensor, int]],
+                        num_samples: int, path: str,
+                        dtype: str = 'float32',
+                        info: Optional[dict] = None) -> TeacherOutputCache:
+    """Embed every batch and its mirror with ``teacher``; write ``path``.
+
+    Args:
+        teacher: the frozen teacher (its ``forward`` takes student-normalised
+            batches, as in training).
+        batches: yields ``(inputs B×3×H×W normalised, num_valid)``: every
+            batch has the same size; rows past ``num_valid`` are padding.
+        num_samples: N, the dataset length.
+        path: the ``.npy`` to write (atomically: temp file, then rename);
+            ``info`` goes to a ``.json`` beside it.
+    """
+    if dtype not in _DTYPES:
+        raise ConfigError(f'teacher_cache.dtype must be one of '
+                          f'{sorted(_DTYPES)}, got {dtype!r}')
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-',
+                               suffix='.npy')
+    os.close(fd)
+    try:
+        out = None
+        filled = 0
+        with torch.no_grad():
+            for inputs, valid in batches:
+                plain = teacher(inputs)
+                mirror = teacher(torch.flip(inputs, dims=[3]))
+                both = torch.stack([plain, mirror], dim=1)[:valid]
+                if out is None:
+                    out = np.lib.format.open_memmap(
+                        tmp, mode='w+', dtype=_DTYPES[dtype],
+                        shape=(num_samples, 2, both.shape[-1]))
+                out[filled:filled + valid] = both.float().cpu().numpy()
+                filled += valid
+        if out is None or filled != num_samples:
+            raise DataError(f'teacher-output cache {path}: got {filled} '
+                            f'samples, expected {num_samples}')
+        if not np.isfinite(out).all():
+            raise DataError(f'teacher-output cache {path}: the teacher gave '
+                            'non-finite embeddings; check its weights and '
+                            'input normalisation')
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if info is not None:
+        atomic_write_json(os.path.splitext(path)[0] + '.json', info)
+    return TeacherOutputCache(path)
+
+
+def cache_file_name(teacher_name: str, key: str) -> str:
+    return f'{teacher_name}_{key[:32]}.npy'
+
+
+def cache_key(teacher_sum: str, data_sum: str, batch_size: int,
+              dtype: str) -> str:
+    blob = json.dumps(dict(version=CACHE_VERSION, teacher=teacher_sum,
+                           data=data_sum, batch_size=int(batch_size),
+                           dtype=dtype), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def open_valid_cache(path: str, num_samples: int,
+                     embedding_size: Optional[int]) -> Optional[
+                         TeacherOutputCache]:
+    """The cache at ``path`` if it matches, else ``None`` (with a warning
+    when a file exists but is unusable, so it is rebuilt)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        cache = TeacherOutputCache(path)
+    except DataError as e:
+        warnings.warn(f'{e}; rebuilding it')
+        return None
+    if len(cache) != num_samples or (
+            embedding_size and cache.embedding_size != embedding_size):
+        warnings.warn(f'{path}: teacher-output cache holds {len(cache)}x'
+                      f'{cache.embedding_size}, expected {num_samples}x'
+                      f'{embedding_size}; rebuilding it')
+        return None
+    return cache

@@ -1,0 +1,265 @@
+"""Teacher-output cache: keys, storage, serving, and equality with running
+the teacher online (issue 5, part 4)."""
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kdzoo.engine import load_recipe
+from kdzoo.engine.runner import KdzooRunner
+from kdzoo.registry import MODELS
+from kdzoo.teachers.base import FrozenTeacher
+from kdzoo.teachers.cache import (TeacherOutputCache, build_teacher_cache,
+                                  dataset_checksum, teacher_checksum)
+from kdzoo.utils import ConfigError, DataError
+from tiny_runs import STUDENT_BACKBONE, random_teacher, tiny_options
+
+RECIPE = 'recipes/kd/angular_kd_synthface_age.py'
+
+
+class _Linear(nn.Module):
+    def __init__(self, d_in=12, d_out=4):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_out)
+        self.embedding_size = d_out
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def _toy_teacher(seed=0):
+    torch.manual_seed(seed)
+    return FrozenTeacher(_Linear(), input_size=None)
+
+
+def _batches(x, batch_size):
+    n = len(x)
+    for s in range(0, n, batch_size):
+        chunk = x[s:s + batch_size]
+        valid = len(chunk)
+        pad = chunk[-1:].expand(batch_size - valid, *chunk.shape[1:])
+        yield torch.cat([chunk, pad]), valid
+
+
+# ------------------------------------------------------------ storage
+def test_build_stores_image_and_mirror_in_dataset_order(tmp_path):
+    teacher = _toy_teacher()
+    x = torch.randn(7, 3, 2, 2)
+    cache = build_teacher_cache(teacher, _batches(x, 3), 7,
+                                str(tmp_path / 't.npy'), info={'a': 1})
+    assert cache.array.shape == (7, 2, 4)
+    # independent values: the linear map applied sample by sample
+    w, b = teacher.network.fc.weight, teacher.network.fc.bias
+    for i in range(7):
+        plain = x[i].flatten() @ w.T + b
+        mirror = torch.flip(x[i], dims=[2]).flatten() @ w.T + b
+        assert torch.allclose(torch.from_numpy(cache.array[i, 0].copy()),
+                              plain, atol=1e-6)
+        assert torch.allclose(torch.from_numpy(cache.array[i, 1].copy()),
+                              mirror, atol=1e-6)
+    got = cache.lookup(torch.tensor([6, 0, 6]), torch.tensor([1, 0, 0]))
+    assert torch.equal(got[0], torch.from_numpy(cache.array[6, 1].copy()))
+    assert torch.equal(got[1], torch.from_numpy(cache.array[0, 0].copy()))
+    assert torch.equal(got[2], torch.from_numpy(cache.array[6, 0].copy()))
+    assert os.path.isfile(tmp_path / 't.json')
+
+
+def test_float16_storage_halves_the_file(tmp_path):
+    teacher = _toy_teacher()
+    x = torch.randn(8, 3, 2, 2)
+    c32 = build_teacher_cache(teacher, _batches(x, 4), 8,
+                              str(tmp_path / 'a.npy'))
+    c16 = build_teacher_cache(teacher, _batches(x, 4), 8,
+                              str(tmp_path / 'b.npy'), dtype='float16')
+    assert c16.array.dtype == np.float16
+    assert np.allclose(c16.array, c32.array, atol=1e-2)
+    with pytest.raises(ConfigError, match='dtype'):
+        build_teacher_cache(teacher, _batches(x, 4), 8,
+                            str(tmp_path / 'c.npy'), dtype='int8')
+
+
+def test_failed_build_leaves_no_file(tmp_path):
+    teacher = _toy_teacher()
+
+    def broken():
+        yield torch.randn(2, 3, 2, 2), 2
+        raise RuntimeError('decode failed')
+
+    with pytest.raises(RuntimeError, match='decode failed'):
+        build_teacher_cache(teacher, broken(), 4, str(tmp_path / 'x.npy'))
+    assert os.listdir(tmp_path) == []
+    # a teacher giving NaN is refused, nothing written
+    teacher.network.fc.bias.data.fill_(float('nan'))
+    with pytest.raises(DataError, match='non-finite'):
+        build_teacher_cache(teacher, _batches(torch.randn(2, 3, 2, 2), 2), 2,
+                            str(tmp_path / 'y.npy'))
+    assert os.listdir(tmp_path) == []
+    # fewer samples than declared
+    with pytest.raises(DataError, match='expected 5'):
+        build_teacher_cache(_toy_teacher(),
+                            _batches(torch.randn(2, 3, 2, 2), 2), 5,
+                            str(tmp_path / 'z.npy'))
+    assert os.listdir(tmp_path) == []
+
+
+def test_lookup_errors(tmp_path):
+    cache = build_teacher_cache(_toy_teacher(),
+                                _batches(torch.randn(3, 3, 2, 2), 3), 3,
+                                str(tmp_path / 't.npy'))
+    with pytest.raises(DataError, match='index 3 out of range.*3 samples'):
+        cache.lookup(torch.tensor([0, 3]), torch.tensor([0, 0]))
+    with pytest.raises(DataError, match='flip flags'):
+        cache.lookup(torch.tensor([0]), torch.tensor([2]))
+    np.save(tmp_path / 'bad.npy', np.zeros((3, 4)))
+    with pytest.raises(DataError, match=r'shape \(3, 4\).*\(N, 2, D\)'):
+        TeacherOutputCache(str(tmp_path / 'bad.npy'))
+
+
+# ------------------------------------------------------------ keys
+def test_teacher_checksum_tracks_weights_and_normalisation():
+    a, b = _toy_teacher(0), _toy_teacher(0)
+    assert teacher_checksum(a) == teacher_checksum(b)
+    assert teacher_checksum(a) != teacher_checksum(_toy_teacher(1))
+    b.set_source_normalization(0.0, 255.0)  # the student's input changed
+    assert teacher_checksum(a) != teacher_checksum(b)
+    c = FrozenTeacher(a.network, mean=127.5, std=127.5)
+    assert teacher_checksum(a) != teacher_checksum(c)
+
+
+def test_dataset_checksum_tracks_pixels_and_order():
+    imgs = [np.full((3, 2, 2), i, np.uint8) for i in range(3)]
+    key, n = dataset_checksum(imgs)
+    assert n == 3
+    assert dataset_checksum(list(imgs))[0] == key
+    assert dataset_checksum(imgs[::-1])[0] != key
+    changed = [im.copy() for im in imgs]
+    changed[1][0, 0, 0] = 99
+    assert dataset_checksum(changed)[0] != key
+
+
+# ------------------------------------------------------------ distiller
+def _distiller(cache_cfg, stage_tap=False):
+    inputs = dict(s_emb=dict(tap='student.embedding', connector='proj'),
+                  t_emb='teacher.embedding')
+    losses = dict(loss_ang=dict(type='AngularDistillationLoss',
+                                inputs=inputs))
+    if stage_tap:
+        losses['loss_at'] = dict(type='ATLoss', inputs=dict(
+            s_feat='student.stage4', t_feat='teacher.stage4'))
+    return MODELS.build(dict(
+        type='FaceDistiller',
+        student=dict(backbone=STUDENT_BACKBONE),
+        teachers=dict(teacher=dict(
+            type='CheckpointTeacher', checkpoint=_TEACHER_FILE[0],
+            backbone=dict(type='IResNet', width_mult=0.25,
+                          layers=(1, 2, 2, 1), embedding_size=128,
+                          input_size=(32, 32)))),
+        connectors=dict(proj=dict(type='LinearProjector', out_features=128)),
+        distill_losses=losses, teacher_cache=cache_cfg))
+
+
+_TEACHER_FILE = []
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _teacher_file(tmp_path_factory):
+    _TEACHER_FILE[:] = [random_teacher(
+        tmp_path_factory.mktemp('teacher') / 'backbone.pth')]
+
+
+def test_distiller_validates_the_cache_config():
+    with pytest.raises(ConfigError, match="'teachr' is not a teacher.*"
+                       "Did you mean: 'teacher'"):
+        _distiller(dict(teachers=['teachr']))
+    with pytest.raises(ConfigError, match="cannot be cached.*loss_at.inputs"
+                       ".t_feat taps 'teacher.stage4'"):
+        _distiller(dict(teachers=['teacher']), stage_tap=True)
+    with pytest.raises(ConfigError, match='unknown keys'):
+        _distiller(dict(teachers=['teacher'], size=3))
+    with pytest.raises(ConfigError, match='dtype'):
+        _distiller(dict(teachers=['teacher'], dtype='bf16'))
+    with pytest.raises(ConfigError, match='list of teacher names'):
+        _distiller(dict(teachers='teacher'))
+    assert _distiller(dict(teachers='all')).teacher_cache_cfg[
+        'teachers'] == ['teacher']
+
+
+def test_unprepared_cache_is_a_clear_error():
+    model = _distiller(dict(teachers=['teacher']))
+    data = dict(label=torch.zeros(2, dtype=torch.long),
+                index=torch.arange(2), flip=torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ConfigError, match='was not prepared.*'
+                       'TeacherCacheHook'):
+        model.loss(torch.zeros(2, 3, 32, 32), data)
+
+
+# ------------------------------------------------------------ end to end
+def _runner(tmp_path, cache_dir, cached, name):
+    options = tiny_options(cache_dir, epochs=1, test=False, **{
+        'model.teachers.teacher_fr.checkpoint': _TEACHER_FILE[0]})
+    if cached:
+        options['model.teacher_cache'] = dict(
+            teachers=['teacher_fr'], cache_dir=str(tmp_path / 'tcache'))
+    cfg = load_recipe(RECIPE, options, str(tmp_path / name))
+    return cfg, KdzooRunner.from_cfg(cfg)
+
+
+def test_cached_embeddings_equal_the_online_teacher(tmp_path, cache_dir):
+    cfg, runner = _runner(tmp_path, cache_dir, True, 'served')
+    assert any(h['type'] == 'TeacherCacheHook' for h in cfg.custom_hooks)
+    hook = next(h for h in runner.hooks
+                if type(h).__name__ == 'TeacherCacheHook')
+    hook.before_train(runner)
+    model = runner.model
+    files = glob.glob(str(tmp_path / 'tcache' / 'teacher_fr_*.npy'))
+    assert len(files) == 1
+    teacher = model.teachers['teacher_fr']
+    flips = set()
+    for batch in runner.train_dataloader:  # shuffled, randomly flipped
+        data = model.data_preprocessor(batch, True)
+        samples = data['data_samples']
+        flips.update(samples['flip'].tolist())
+        with torch.no_grad():
+            online = teacher(data['inputs'])
+        served = model._teacher_embedding('teacher_fr', data['inputs'],
+                                          samples, use_cache=True)
+        assert torch.equal(served, online)  # exact, not approximately
+    assert flips == {0, 1}
+    # a second run finds the same file instead of rebuilding it
+    mtime = os.path.getmtime(files[0])
+    _, runner2 = _runner(tmp_path, cache_dir, True, 'served2')
+    next(h for h in runner2.hooks
+         if type(h).__name__ == 'TeacherCacheHook').before_train(runner2)
+    assert os.path.getmtime(files[0]) == mtime
+    assert glob.glob(str(tmp_path / 'tcache' / '*.npy')) == files
+
+
+def test_cached_training_equals_online_training(tmp_path, cache_dir):
+    """Same seed, same data: the student trained from the cache ends with
+    exactly the weights of the student trained with the teacher online."""
+    weights = {}
+    for cached in (False, True):
+        _, runner = _runner(tmp_path, cache_dir, cached, f'run{cached}')
+        runner.train()
+        weights[cached] = {k: v.clone() for k, v in
+                           runner.model.student.state_dict().items()}
+    assert weights[True].keys() == weights[False].keys()
+    for key in weights[True]:
+        assert torch.equal(weights[True][key], weights[False][key]), key
+
+
+def test_cache_refuses_augmenting_pipelines(tmp_path, cache_dir):
+    from kdzoo.engine.teacher_cache_hook import _check_dataset
+    _, runner = _runner(tmp_path, cache_dir, True, 'aug')
+    dataset = runner.train_dataloader.dataset
+    _check_dataset(dataset)  # flip + pack: fine
+
+    class RandomCrop:
+        pass
+
+    dataset.pipeline.transforms.insert(0, RandomCrop())
+    with pytest.raises(ConfigError, match=r"\['RandomCrop'\].*allows only"):
+        _check_dataset(dataset)
