@@ -57,7 +57,7 @@ def test_round_trip_png_jpeg_and_grey(tmp_path):
     item = ds[0]  # default pipeline: PackFaceInputs
     assert item['inputs'].dtype == torch.uint8
     assert item['inputs'].shape == (3, 16, 12)
-    assert item['data_samples'] == dict(index=0, label=-1, age=-1)
+    assert item['data_samples'] == dict(index=0, label=-1, age=-1, flip=0)
     batch = default_collate([ds[i] for i in range(4)])
     assert batch['inputs'].shape == (4, 3, 16, 12)
     assert batch['data_samples']['index'].tolist() == [0, 1, 2, 3]
@@ -175,3 +175,49 @@ def test_real_bin_headers(name, n_pairs):
     ds = InsightFaceBinDataset(path)
     assert len(ds) == 2 * n_pairs
     assert ds.get_data_info(len(ds) - 1)['img'].shape == (112, 112, 3)
+
+
+def test_bin_sets_concatenate_files_with_offset_protocols(tmp_path):
+    a_imgs, b_imgs = random_images(4, seed=1), random_images(6, seed=2)
+    write_bin(tmp_path / 'a.bin', [encode(i) for i in a_imgs], [True, False])
+    write_bin(tmp_path / 'b.bin', [encode(i) for i in b_imgs],
+              [False, True, True])
+    ds = DATASETS.build(dict(type='InsightFaceBinSets',
+                             ann_files=['a.bin', 'b.bin'],
+                             data_root=str(tmp_path)))
+    assert len(ds) == 10
+    ver = ds.metainfo['verification']
+    assert list(ver) == ['a', 'b']
+    assert ver['a']['pairs'].tolist() == [[0, 1], [2, 3]]
+    assert ver['b']['pairs'].tolist() == [[4, 5], [6, 7], [8, 9]]
+    assert ver['b']['issame'].tolist() == [False, True, True]
+    # image 7 of the set is image 3 of b.bin
+    assert np.array_equal(ds[7]['inputs'].permute(1, 2, 0).numpy(),
+                          b_imgs[3])
+    named = DATASETS.build(dict(type='InsightFaceBinSets',
+                                ann_files=[str(tmp_path / 'a.bin')],
+                                protocols=['lfw']))
+    assert list(named.metainfo['verification']) == ['lfw']
+
+
+def test_bin_sets_errors_name_the_file_and_image(tmp_path):
+    imgs = [encode(i) for i in random_images(4)]
+    imgs[3] = b'not an image'
+    write_bin(tmp_path / 'good.bin', [encode(i) for i in random_images(2)],
+              [True])
+    write_bin(tmp_path / 'bad.bin', imgs, [True, False])
+    ds = DATASETS.build(dict(type='InsightFaceBinSets', ann_files=[
+        str(tmp_path / 'good.bin'), str(tmp_path / 'bad.bin')]))
+    with pytest.raises(DataError, match=r'bad\.bin: image 3 cannot be '
+                       'decoded'):
+        ds[5]
+    with pytest.raises(ConfigError, match='non-empty list'):
+        DATASETS.build(dict(type='InsightFaceBinSets',
+                            ann_files=str(tmp_path / 'good.bin')))
+    with pytest.raises(ConfigError, match='distinct names'):
+        DATASETS.build(dict(type='InsightFaceBinSets', ann_files=[
+            str(tmp_path / 'good.bin')] * 2))
+    with pytest.raises(DataError, match='missing.bin: verification .bin '
+                       'file not found'):
+        DATASETS.build(dict(type='InsightFaceBinSets', ann_files=[
+            str(tmp_path / 'missing.bin')]))

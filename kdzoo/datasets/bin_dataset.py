@@ -179,3 +179,59 @@ class InsightFaceBinDataset(BaseDataset):
         info['img'] = decode_image(info.pop('img_bytes'), self.ann_file,
                                    info['sample_idx'], self.image_size)
         return info
+
+
+@DATASETS.register_module()
+class InsightFaceBinSets(InsightFaceBinDataset):
+    """Several ``.bin`` verification sets as one test set (LFW + CFP-FF ...).
+
+    Images of all files are concatenated; each file keeps its own protocol
+    (named by its stem, or ``protocols``), with pair indices offset into the
+    combined list, so one test loop reports ``lfw/accuracy``,
+    ``cfp_ff/accuracy``, ... side by side.
+
+    Args:
+        ann_files: the ``.bin`` paths (joined to ``data_root``).
+        protocols: protocol names, one per file (default: file stems).
+        image_size, num_folds, pipeline: as ``InsightFaceBinDataset``.
+    """
+
+    def __init__(self, ann_files: Sequence[str],
+                 protocols: Optional[Sequence[str]] = None,
+                 data_root: str = '', **kwargs):
+        if isinstance(ann_files, str) or not ann_files:
+            raise ConfigError('InsightFaceBinSets: ann_files must be a '
+                              'non-empty list of .bin paths')
+        files = [f if not data_root or os.path.isabs(f)
+                 else os.path.join(data_root, f) for f in ann_files]
+        names = list(protocols) if protocols is not None else [
+            os.path.splitext(os.path.basename(f))[0] for f in files]
+        if len(names) != len(files) or len(set(names)) != len(names):
+            raise ConfigError(f'InsightFaceBinSets: protocols {names} must '
+                              f'be {len(files)} distinct names, one per file')
+        self.ann_files, self.protocols = files, names
+        self._file_of = []  # per image: the file it came from (for errors)
+        super().__init__(ann_file=files[0], **kwargs)
+
+    def load_data_list(self) -> List[dict]:
+        data, verification, self._file_of = [], {}, []
+        for path, name in zip(self.ann_files, self.protocols):
+            blobs, issame = load_bin_pairs(path)
+            offset, n = len(data), len(issame)
+            pairs = offset + np.stack([np.arange(n) * 2,
+                                       np.arange(n) * 2 + 1], axis=1)
+            verification[name] = dict(pairs=pairs.astype(np.int64),
+                                      issame=issame,
+                                      num_folds=self.num_folds)
+            data += [dict(img_bytes=b, label=-1, age=-1) for b in blobs]
+            self._file_of += [(path, offset)] * len(blobs)
+        self._metainfo['verification'] = verification
+        return data
+
+    def get_data_info(self, idx: int) -> dict:
+        info = BaseDataset.get_data_info(self, idx)
+        path, offset = self._file_of[idx]
+        info['img'] = decode_image(info.pop('img_bytes'), path,
+                                   info['sample_idx'] - offset,
+                                   self.image_size)
+        return info

@@ -3,11 +3,12 @@
 A reader never sees a half-written result or checkpoint: either the old file or
 the complete new one.
 """
+import contextlib
 import io
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, BinaryIO, Iterator, List
 
 import torch
 
@@ -53,3 +54,46 @@ def atomic_torch_save(obj: Any, path: str) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+@contextlib.contextmanager
+def atomic_output_files(*paths: str) -> Iterator[List[BinaryIO]]:
+    """Stream files that must appear together, e.g. ``.rec`` + ``.idx``.
+
+    Yields binary file objects writing to temporary files beside ``paths``;
+    on a clean exit they are fsynced and renamed in order, on an error all
+    temporaries are removed. Should a later rename fail, the files already
+    renamed are removed too, so no half set is left behind.
+    """
+    paths = [os.fspath(p) for p in paths]
+    temps, handles = [], []
+    try:
+        for path in paths:
+            directory = os.path.dirname(os.path.abspath(path))
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(
+                dir=directory, prefix='.' + os.path.basename(path) + '.',
+                suffix='.tmp')
+            temps.append(tmp)
+            handles.append(os.fdopen(fd, 'wb'))
+        yield handles
+        for f, tmp in zip(handles, temps):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.chmod(tmp, 0o666 & ~_umask())
+        done = []
+        try:
+            for tmp, path in zip(temps, paths):
+                os.replace(tmp, path)
+                done.append(path)
+        except BaseException:
+            for path in done:
+                os.unlink(path)
+            raise
+    finally:
+        for f in handles:
+            f.close()
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
