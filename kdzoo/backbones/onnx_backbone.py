@@ -73,7 +73,8 @@ class OnnxBackbone(BaseBackbone):
         stage_paths: module paths of stage 1..4 outputs, either relative
             to this backbone (``'model.<node>'``) or to the converted graph.
         input_size: (H, W) of the model's input; must match the ONNX input
-            shape where that is fixed.
+            shape where that is fixed. ``None``: the file's fixed H×W, or
+            (112, 112) where the file leaves them dynamic.
     """
 
     def __init__(self, file: str, embedding_size: Optional[int] = None,
@@ -86,7 +87,8 @@ class OnnxBackbone(BaseBackbone):
                               '(relative paths are relative to the current '
                               'directory)')
         self.file = os.fspath(file)
-        self.input_size = check_input_size(owner, input_size)
+        if input_size is not None:
+            self.input_size = check_input_size(owner, input_size)
 
         import onnx
         from onnx2torch import convert
@@ -96,6 +98,11 @@ class OnnxBackbone(BaseBackbone):
             raise ConfigError(f'{owner}: {self.file!r} is not a readable '
                               f'ONNX file: {e}') from None
         hw = _onnx_input_hw(onnx_model)
+        if input_size is None:
+            fixed = hw is not None and all(d is not None and d > 0
+                                           for d in hw)
+            self.input_size = check_input_size(
+                owner, tuple(hw) if fixed else (112, 112))
         if hw is not None and any(
                 d is not None and d > 0 and d != s
                 for d, s in zip(hw, self.input_size)):
