@@ -45,11 +45,46 @@ def cmd_test(args):
 
 def cmd_evaluate(args):
     from kdzoo.evaluation.pretrained import evaluate_pretrained
+    from kdzoo.utils import ConfigError, atomic_write_json
+    if not args.bin and not args.ijb:
+        raise ConfigError('evaluate needs --bin FILE (InsightFace .bin set, '
+                          'repeatable) and/or --ijb ROOT (IJB-B/C folder '
+                          'with meta/ and loose_crop/)')
     backbone = json.loads(args.backbone) if args.backbone else None
-    evaluate_pretrained(args.model, args.bin, backbone_cfg=backbone,
-                        flip=not args.no_flip, out=args.out,
-                        batch_size=args.batch_size, mean=args.mean,
-                        std=args.std)
+    results = {}
+    if args.bin:
+        results = evaluate_pretrained(
+            args.model, args.bin, backbone_cfg=backbone,
+            flip=not args.no_flip, out=None if args.ijb else args.out,
+            batch_size=args.batch_size, mean=args.mean, std=args.std)
+    if args.ijb:
+        from kdzoo.evaluation.ijb import evaluate_ijb
+        from kdzoo.evaluation.pretrained import build_pretrained
+        results[args.ijb_target] = evaluate_ijb(
+            build_pretrained(args.model, backbone), args.ijb,
+            args.ijb_target, flip=not args.no_flip,
+            use_detector_score=not args.no_detector_score,
+            batch_size=args.batch_size, out=args.out, mean=args.mean,
+            std=args.std, num_workers=args.workers)
+        if args.bin and args.out:  # one JSON for the .bin sets and IJB
+            atomic_write_json(args.out, results)
+
+
+def cmd_export(args):
+    from kdzoo.engine.export import export_student
+    result = export_student(args.run_dir, args.format, out=args.out,
+                            checkpoint=args.checkpoint, opset=args.opset)
+    check = result.get('onnxruntime_check')
+    if check:
+        per_batch = ', '.join(f'batch {n}: {v["max_abs_diff"]:.3g}'
+                              for n, v in check['batches'].items())
+        print(f'onnxruntime vs PyTorch max |diff|: {per_batch} (relative '
+              f'{check["relative_diff"]:.3g} of output scale '
+              f'{check["output_scale"]:.3g}; tolerance '
+              f'{check["tolerance_relative"]:g})')
+    print(f'student backbone from {result["checkpoint"]}')
+    print(f'exported: {result["path"]}')
+    print(f'sidecar: {result["sidecar_path"]}')
 
 
 def cmd_compare(args):
@@ -57,6 +92,31 @@ def cmd_compare(args):
     run_suite(args.suite, work_dir=args.work_dir, force=args.force,
               cfg_options=_parse_cfg_options(args.cfg_options),
               seeds=args.seeds)
+
+
+def cmd_pack(args):
+    from kdzoo.datasets.dataset_args import parse_image_size
+    from kdzoo.datasets.pack import pack_image_folder, pack_pairs
+    size = args.image_size
+    size = parse_image_size(size[0] if size and len(size) == 1 else size,
+                            f'kdzoo pack {args.format}: --image-size')
+    if args.format == 'rec':
+        prefix = args.out_prefix
+        if os.path.isdir(prefix) or prefix.endswith(('/', os.sep)):
+            prefix = os.path.join(prefix, 'train')  # InsightFace's names
+        rec, idx = prefix + '.rec', prefix + '.idx'
+        done = pack_image_folder(
+            args.image_folder, rec, idx, size, args.quality,
+            max_identities=args.max_identities,
+            min_images_per_identity=args.min_images,
+            max_images_per_identity=args.max_images)
+        print(f'packed {done["num_images"]} images of '
+              f'{done["num_identities"]} identities -> {rec}, {idx}')
+    else:
+        done = pack_pairs(args.pairs, args.root, args.out, size,
+                          args.quality)
+        print(f'packed {done["num_pairs"]} pairs ({done["num_same"]} same, '
+              f'{done["num_images"]} images) -> {args.out}')
 
 
 def cmd_list(args):
@@ -122,13 +182,22 @@ def build_parser():
 
     p = sub.add_parser('evaluate',
                        help='evaluate a pretrained model on InsightFace .bin '
-                       'verification sets')
+                       'verification sets and/or IJB-B/C')
     p.add_argument('--model', required=True, help='.onnx file, or .pth state '
                    'dict with --backbone')
     p.add_argument('--backbone', help='backbone config as JSON, e.g. '
                    '\'{"type": "IResNet", "depth": 50}\' (for .pth)')
-    p.add_argument('--bin', required=True, action='append',
+    p.add_argument('--bin', action='append',
                    help='.bin file (repeatable)')
+    p.add_argument('--ijb', metavar='ROOT', help='IJB-B/C 1:1 template '
+                   'verification on ROOT/meta and ROOT/loose_crop '
+                   '(docs/ijb.md)')
+    p.add_argument('--ijb-target', choices=['ijbb', 'ijbc'], default='ijbc',
+                   type=str.lower, help='which IJB protocol (default ijbc)')
+    p.add_argument('--no-detector-score', action='store_true',
+                   help='IJB: do not weight images by their faceness score')
+    p.add_argument('--workers', type=int, default=0,
+                   help='IJB: image loading processes (default 0)')
     p.add_argument('--no-flip', action='store_true',
                    help='embed the image only (default: image + mirror)')
     p.add_argument('--out', help='write the results as JSON here')
@@ -138,6 +207,19 @@ def build_parser():
     p.add_argument('--std', type=float, default=128.0,
                    help='input normalisation std on 0-255 pixels')
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser('export', help="write a run's student backbone as a "
+                       '.pth state dict or an .onnx model (+ sidecar JSON)')
+    p.add_argument('run_dir', metavar='RUN_DIR',
+                   help='work dir of a `kdzoo train` run')
+    p.add_argument('--format', required=True, metavar='{pth,onnx}')
+    p.add_argument('--checkpoint', help='runner checkpoint or backbone.pth '
+                   '(default: the newest complete one in RUN_DIR)')
+    p.add_argument('--out', help='output file (default: '
+                   'RUN_DIR/export/student_<checkpoint>.<format>)')
+    p.add_argument('--opset', type=int, default=17,
+                   help='ONNX opset version (onnx only)')
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser('compare', help='train what a suite needs, evaluate, '
                        'and tabulate (comparison.md/.json/.png)')
@@ -153,6 +235,34 @@ def build_parser():
     p.add_argument('--cfg-options', nargs='+', metavar='KEY=VALUE',
                    help='overrides applied to every run of the suite')
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser('pack', help='write InsightFace data files: a '
+                       'RecordIO training set (.rec/.idx) from an image '
+                       'folder, or a .bin verification set from a pairs file')
+    fmt = p.add_subparsers(dest='format', required=True)
+    q = fmt.add_parser('rec', help='IMAGE_FOLDER/<identity>/<image> -> '
+                       'OUT_PREFIX.rec + OUT_PREFIX.idx (a directory: '
+                       'train.rec + train.idx in it)')
+    q.add_argument('image_folder')
+    q.add_argument('out_prefix')
+    q.add_argument('--max-identities', type=int,
+                   help='keep the first N identities (sorted folder names)')
+    q.add_argument('--min-images', type=int, default=1,
+                   help='drop identities with fewer images')
+    q.add_argument('--max-images', type=int,
+                   help='keep the first N images of each identity')
+    r = fmt.add_parser('bin', help='pairs file ("path_a path_b 0|1" per '
+                       'line, paths relative to --root) -> OUT.bin')
+    r.add_argument('--pairs', required=True)
+    r.add_argument('--root', required=True)
+    r.add_argument('out')
+    for q in (q, r):
+        q.add_argument('--image-size', type=int, nargs='+', metavar='N',
+                       help='resize to N×N (or H W) pixels')
+        q.add_argument('--quality', type=int, default=95,
+                       help='JPEG quality for re-encoded images (JPEGs of '
+                       'the right size are stored unchanged)')
+    p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser('list', help='registered components and their summary')
     p.add_argument('kind', nargs='?', choices=list(LISTABLE))
