@@ -1,7 +1,9 @@
 """Frozen teacher adapters."""
-from .adapters import CheckpointTeacher, OnnxTeacher
+from .adapters import (ArcFaceTorchTeacher, CheckpointTeacher, OnnxTeacher,
+                       TFaceTeacher, TimmTeacher)
 from .base import FrozenTeacher
 from .cache import TeacherOutputCache
 
 __all__ = ['FrozenTeacher', 'CheckpointTeacher', 'OnnxTeacher',
+           'ArcFaceTorchTeacher', 'TFaceTeacher', 'TimmTeacher',
            'TeacherOutputCache']

@@ -1,8 +1,10 @@
 """Frozen teachers: eval mode, no gradient, never optimised or saved."""
+import logging
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from mmengine.logging import print_log
 from torch import nn
 
 from kdzoo.utils import ConfigError
@@ -18,6 +20,20 @@ def _as_channel_tensor(value: Number, name: str) -> torch.Tensor:
         raise ConfigError(f'teacher {name} must be a number or 3 numbers '
                           f'(RGB), got {value!r}')
     return t.view(1, 3, 1, 1)
+
+
+def _count(n: int) -> str:
+    """1234567 -> '1.2M', 5400 -> '5.4k'."""
+    if n >= 1e6:
+        return f'{n / 1e6:.1f}M'
+    return f'{n / 1e3:.1f}k' if n >= 1e3 else str(n)
+
+
+def _channels(values: Sequence[float]) -> str:
+    """One number when the three channels agree, else ``[r, g, b]``."""
+    if len(set(values)) == 1:
+        return f'{values[0]:g}'
+    return '[' + ', '.join(f'{v:.4g}' for v in values) + ']'
 
 
 class FrozenTeacher(nn.Module):
@@ -40,15 +56,24 @@ class FrozenTeacher(nn.Module):
             bilinearly when it differs. ``None`` keeps the batch size.
         stage_paths: module paths of stage 1..4 outputs inside ``network``
             (defaults to ``network.stage_paths`` when it has them).
+        source: the file the weights came from (for ``describe()``).
+        variant: short architecture name shown by ``describe()`` (``r50``).
+        embedding_size: D, when ``network`` has no ``embedding_size``.
     """
 
     def __init__(self, network: nn.Module, head: Optional[nn.Module] = None,
                  mean: Number = 127.5, std: Number = 128.0,
                  input_size: Optional[Tuple[int, int]] = None,
-                 stage_paths: Optional[Sequence[str]] = None):
+                 stage_paths: Optional[Sequence[str]] = None,
+                 source: Optional[str] = None,
+                 variant: Optional[str] = None,
+                 embedding_size: Optional[int] = None):
         super().__init__()
         self.network = network
         self.head = head
+        self.source = source
+        self.variant = variant
+        self._embedding_size = embedding_size
         self.register_buffer('mean', _as_channel_tensor(mean, 'mean'),
                              persistent=False)
         self.register_buffer('std', _as_channel_tensor(std, 'std'),
@@ -74,7 +99,44 @@ class FrozenTeacher(nn.Module):
 
     @property
     def embedding_size(self) -> Optional[int]:
+        if self._embedding_size is not None:
+            return self._embedding_size
         return getattr(self.network, 'embedding_size', None)
+
+    def describe(self) -> dict:
+        """What this teacher is: name, size, input contract, weights file.
+
+        Keys: ``teacher`` (class and variant), ``parameters`` (network and
+        head), ``embedding_size``, ``input_size`` ((H, W) or ``None`` when
+        the batch is not resized), ``mean``/``std`` (per RGB channel, on
+        0-255 pixels), ``source`` (the weights file, or ``None``).
+        """
+        name = type(self).__name__
+        return dict(
+            teacher=f'{name} {self.variant}' if self.variant else name,
+            parameters=sum(p.numel() for p in self.parameters()),
+            embedding_size=self.embedding_size,
+            input_size=self.input_size,
+            mean=[round(v, 6) for v in self.mean.flatten().tolist()],
+            std=[round(v, 6) for v in self.std.flatten().tolist()],
+            source=self.source)
+
+    def summary(self) -> str:
+        """``describe()`` as one line, e.g. ``teacher ArcFaceTorchTeacher
+        r50: 43.6M parameters, embedding 512, input 112×112 RGB
+        (x-127.5)/127.5, from backbone.pth``."""
+        d = self.describe()
+        size = ('any size (not resized)' if d['input_size'] is None
+                else '×'.join(str(v) for v in d['input_size']))
+        norm = f"(x-{_channels(d['mean'])})/{_channels(d['std'])}"
+        line = (f"teacher {d['teacher']}: {_count(d['parameters'])} "
+                f"parameters, embedding {d['embedding_size']}, "
+                f"input {size} RGB {norm}")
+        return line + (f", from {d['source']}" if d['source'] else '')
+
+    def log_summary(self) -> None:
+        """Log ``summary()`` (adapters call this once, when built)."""
+        print_log(self.summary(), logger='current', level=logging.INFO)
 
     def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
         """Student-normalised batch -> this teacher's normalisation/size."""
