@@ -11,6 +11,7 @@ import numpy as np
 from mmengine.dataset import BaseDataset
 
 from kdzoo.datasets.bin_dataset import decode_image
+from kdzoo.datasets.bad_items import SkipBadItemsMixin
 from kdzoo.datasets.dataset_args import build_pipeline, parse_image_size
 from kdzoo.registry import DATASETS
 from kdzoo.utils.errors import ConfigError, DataError
@@ -88,7 +89,7 @@ def scan_identity_folders(root: str,
 
 
 @DATASETS.register_module()
-class ImageFolderFaces(BaseDataset):
+class ImageFolderFaces(SkipBadItemsMixin, BaseDataset):
     """Face training set in one folder per identity (``<data_root>/<id>/
     <image>``), labels ``0 .. C-1`` in sorted folder order.
 
@@ -102,6 +103,9 @@ class ImageFolderFaces(BaseDataset):
         max_identities, min_images_per_identity, max_images_per_identity:
             deterministic subsampling, see :func:`scan_identity_folders`.
         pipeline: transforms, default ``[dict(type='PackFaceInputs')]``.
+        on_bad_item, max_bad_items: ``'raise'`` (default) stops on an
+            unreadable item; ``'skip'`` counts it and serves another (see
+            :mod:`kdzoo.datasets.bad_items`).
     """
 
     def __init__(self, data_root: str,

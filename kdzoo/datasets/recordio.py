@@ -34,6 +34,7 @@ import numpy as np
 from mmengine.dataset import BaseDataset
 
 from kdzoo.datasets.bin_dataset import decode_image
+from kdzoo.datasets.bad_items import SkipBadItemsMixin
 from kdzoo.datasets.dataset_args import build_pipeline, parse_image_size
 from kdzoo.registry import DATASETS
 from kdzoo.utils.errors import ConfigError, DataError
@@ -348,7 +349,7 @@ def _image_labels(reader: IndexedRecordReader,
 
 
 @DATASETS.register_module()
-class RecordIODataset(BaseDataset):
+class RecordIODataset(SkipBadItemsMixin, BaseDataset):
     """InsightFace/MXNet RecordIO training set (``train.rec`` + ``train.idx``,
     e.g. MS1M-ArcFace, Glint360K, WebFace) read without mxnet.
 
@@ -363,6 +364,9 @@ class RecordIODataset(BaseDataset):
         data_root: folder holding the files.
         image_size: int or (h, w); resize images not of this size.
         pipeline: transforms, default ``[dict(type='PackFaceInputs')]``.
+        on_bad_item, max_bad_items: ``'raise'`` (default) stops on an
+            unreadable item; ``'skip'`` counts it and serves another (see
+            :mod:`kdzoo.datasets.bad_items`).
     """
 
     def __init__(self, path_imgrec: Optional[str] = None,

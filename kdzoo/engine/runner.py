@@ -124,6 +124,14 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _bad_items(runner) -> int:
+    """Training items skipped as unreadable (``on_bad_item='skip'``)."""
+    loader = getattr(runner, '_train_dataloader', None)
+    if loader is None or isinstance(loader, dict):  # not built: not trained
+        return 0
+    return int(getattr(loader.dataset, 'bad_item_count', 0))
+
+
 def _count_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -222,6 +230,7 @@ def write_results(runner, cfg, metrics, train_time, test_time,
         test_time_s=round(test_time, 2),
         nonfinite_skipped=int(runner.message_hub.get_info(
             'nonfinite_skipped', 0) or 0),
+        bad_items_skipped=_bad_items(runner),
         work_dir=cfg.work_dir,
         **_environment())
     if curves is not None:  # None: not tested (run_test=False)

@@ -1,0 +1,121 @@
+"""Skip-and-count for unreadable training items (issue 7, bad data)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdzoo.datasets.pack import write_recordio  # noqa: F401
+from kdzoo.registry import DATASETS
+from kdzoo.utils.errors import ConfigError, DataError
+
+
+def _folder(root, identities=3, per_identity=4, size=8):
+    rng = np.random.default_rng(0)
+    for i in range(identities):
+        os.makedirs(root / f'id{i}')
+        for j in range(per_identity):
+            img = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / f'id{i}' / f'{j}.png')
+    return root
+
+
+def _corrupt(path):
+    with open(path, 'wb') as f:
+        f.write(b'\x89PNG broken')
+
+
+def _build(root, **kw):
+    return DATASETS.build(dict(type='ImageFolderFaces', data_root=str(root),
+                               **kw))
+
+
+def test_default_raises_naming_the_file(tmp_path):
+    root = _folder(tmp_path / 'faces')
+    _corrupt(root / 'id1' / '2.png')
+    ds = _build(root)  # sorted order: id1/2.png is item 6
+    with pytest.raises(DataError, match=r'id1/2\.png: image 6 cannot be '
+                       'decoded'):
+        ds[6]
+
+
+def test_skip_serves_another_item_and_counts(tmp_path):
+    root = _folder(tmp_path / 'faces')
+    _corrupt(root / 'id1' / '2.png')  # sorted order: item 6
+    _corrupt(root / 'id2' / '0.png')  # item 8
+    ds = _build(root, on_bad_item='skip')
+    labels = []
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item['inputs'].shape == (3, 8, 8)
+        labels.append(item['data_samples']['label'])
+    assert ds.bad_item_count == 2
+    # every good item is served as itself
+    good = [i for i in range(12) if i not in (6, 8)]
+    for i in good:
+        assert ds[i]['data_samples']['index'] == i
+    assert ds.bad_item_count == 2
+    ds[6]
+    assert ds.bad_item_count == 3  # counted each time it is met
+
+
+def test_skip_limit_and_test_mode(tmp_path):
+    root = _folder(tmp_path / 'faces')
+    _corrupt(root / 'id0' / '1.png')
+    _corrupt(root / 'id0' / '3.png')
+    ds = _build(root, on_bad_item='skip', max_bad_items=1)
+    ds[1]
+    with pytest.raises(DataError, match='more than max_bad_items=1'):
+        ds[3]
+    # a test set never skips: pairs would shift
+    ds = _build(root, on_bad_item='skip', test_mode=True)
+    with pytest.raises(DataError, match='cannot be decoded'):
+        ds[1]
+
+
+def test_bad_policy_arguments(tmp_path):
+    root = _folder(tmp_path / 'faces')
+    with pytest.raises(ConfigError, match="on_bad_item must be one of"):
+        _build(root, on_bad_item='ignore')
+    with pytest.raises(ConfigError, match='max_bad_items'):
+        _build(root, on_bad_item='skip', max_bad_items=-1)
+
+
+def test_workers_count_into_the_shared_counter(tmp_path):
+    root = _folder(tmp_path / 'faces')
+    _corrupt(root / 'id1' / '2.png')
+    _corrupt(root / 'id2' / '3.png')
+    ds = _build(root, on_bad_item='skip')
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=4, num_workers=2,
+        multiprocessing_context='fork',
+        collate_fn=lambda b: b)
+    served = sum(len(b) for b in loader)
+    assert served == 12
+    assert ds.bad_item_count == 2
+
+
+def test_record_file_corruption_is_skipped(tmp_path):
+    from kdzoo.datasets.pack import pack_image_folder
+    root = _folder(tmp_path / 'faces')
+    rec, idx = str(tmp_path / 'train.rec'), str(tmp_path / 'train.idx')
+    pack_image_folder(str(root), rec, idx)
+    ds = DATASETS.build(dict(type='RecordIODataset', path_imgrec=rec,
+                             path_imgidx=idx))
+    # wipe the first image's JPEG markers (its record from the index)
+    key, offset = open(idx).read().split('\n')[1].split('\t')
+    with open(rec, 'r+b') as f:
+        data = f.read()
+        start = data.index(b'\xff\xd8', int(offset))
+        f.seek(start)
+        f.write(b'\x00' * 64)
+    fresh = DATASETS.build(dict(type='RecordIODataset', path_imgrec=rec,
+                                path_imgidx=idx))
+    with pytest.raises(DataError, match=f'record {key} at offset {offset}'):
+        fresh[0]
+    skipping = DATASETS.build(dict(type='RecordIODataset', path_imgrec=rec,
+                                   path_imgidx=idx, on_bad_item='skip'))
+    assert skipping[0]['inputs'].shape[0] == 3
+    assert skipping.bad_item_count == 1
+    assert len(ds) == 12
