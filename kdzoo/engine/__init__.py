@@ -1,6 +1,7 @@
 """Runner glue, hooks, checkpoint policy and optimizer construction."""
 from .checkpoint import (AtomicLocalBackend, RUNNER_CHECKPOINT_ALLOWLIST,
                          find_resume_checkpoint, runner_checkpoint_policy)
+from .exact_resume import ResumableEpochBasedTrainLoop, RngStateHook
 from .hooks import ExportStudentHook, RichProgressHook
 from .numerics import (GuardedAmpOptimWrapper, GuardedOptimWrapper,
                        NonFiniteLossCheckMixin, NonFiniteLossError)
@@ -13,7 +14,8 @@ from .validate import validate_config
 __all__ = [
     'AtomicLocalBackend', 'RUNNER_CHECKPOINT_ALLOWLIST',
     'find_resume_checkpoint', 'runner_checkpoint_policy', 'RichProgressHook',
-    'ExportStudentHook', 'TeacherCacheHook',
+    'ExportStudentHook', 'TeacherCacheHook', 'RngStateHook',
+    'ResumableEpochBasedTrainLoop',
     'TrainableOptimWrapperConstructor', 'KdzooRunner',
     'config_hash', 'load_recipe', 'train_recipe', 'test_recipe',
     'validate_config', 'GuardedOptimWrapper', 'GuardedAmpOptimWrapper',

@@ -9,11 +9,12 @@ from typing import Optional
 
 import torch
 from mmengine.config import Config
-from mmengine.runner import Runner
+from mmengine.runner import EpochBasedTrainLoop, Runner
 
 from kdzoo.utils import atomic_write_json, load_module_weights
 from kdzoo.version import __version__
 from .checkpoint import find_resume_checkpoint, runner_checkpoint_policy
+from .exact_resume import ResumableEpochBasedTrainLoop, RngStateHook
 from .validate import validate_config
 
 
@@ -32,6 +33,8 @@ class KdzooRunner(Runner):
 
     - checkpoints load with ``weights_only=True`` and the allow-list of
       ``kdzoo.engine.checkpoint`` (works on torch >= 2.6);
+    - checkpoints carry the RNG states and an epoch-based run resumes
+      exactly, even mid-epoch (``kdzoo.engine.exact_resume``);
     - the console shows warnings only (rich progress bars show progress);
       the work dir's log file keeps the full INFO log.
     """
@@ -46,6 +49,18 @@ class KdzooRunner(Runner):
                 handler.setLevel(max(handler.level, self.console_level))
                 handler.addFilter(_DropBenign())
         return logger
+
+    def register_hooks(self, default_hooks=None, custom_hooks=None):
+        super().register_hooks(default_hooks, custom_hooks)
+        if not any(isinstance(h, RngStateHook) for h in self.hooks):
+            self.register_hook(RngStateHook())
+
+    def build_train_loop(self, loop):
+        # exact mid-epoch resume; otherwise the same as mmengine's loop
+        if isinstance(loop, dict) and loop.get('type') in (
+                'EpochBasedTrainLoop', EpochBasedTrainLoop):
+            loop = dict(loop, type=ResumableEpochBasedTrainLoop)
+        return super().build_train_loop(loop)
 
     def load_checkpoint(self, filename, map_location='cpu', strict=False,
                         revise_keys=[(r'^module.', '')]):
