@@ -468,3 +468,31 @@ def test_verification_metric_keeps_curve_beside_scalar_metrics():
     assert out['p/TAR@FAR=1e-2'] == pytest.approx(tar_ref[0])
     with pytest.raises(ConfigError, match='curve_fars'):
         FaceVerificationMetric(curve_fars=(0.0, 0.1))
+
+
+def test_run_without_training_data_is_only_tested(tmp_path, monkeypatch):
+    """A pretrained model's reference row (recipe without train_dataloader)
+    is evaluated with test_recipe, never trained."""
+    trained, tested = [], []
+    monkeypatch.setattr(suite_mod, 'train_recipe',
+                        lambda cfg: trained.append(cfg.experiment_name) or
+                        fake_record(cfg))
+    monkeypatch.setattr(suite_mod, 'test_recipe',
+                        lambda cfg: tested.append(cfg.experiment_name) or
+                        dict(fake_record(cfg), train_time_s=0.0))
+    eval_only = tmp_path / 'eval_only.py'
+    eval_only.write_text(textwrap.dedent(f'''
+        _base_ = [{STUDENT!r}]
+        train_dataloader = None
+        train_cfg = None
+        optim_wrapper = None
+        param_scheduler = None
+        '''))
+    suite = write_suite(tmp_path / 's.py', f'''
+        runs = [dict(name='pretrained', role='teacher',
+                     recipe={str(eval_only)!r}),
+                dict(name='alone', recipe={STUDENT!r})]
+        ''')
+    records = suite_mod.run_suite(suite, work_dir=str(tmp_path / 'w'))
+    assert tested == ['pretrained'] and trained == ['alone']
+    assert [r['role'] for r in records] == ['teacher', 'student']

@@ -12,6 +12,7 @@ from kdzoo.engine.runner import load_recipe
 from kdzoo.engine.suite import _resolve_recipe, _substitute, load_suite
 from kdzoo.engine.validate import validate_config
 from kdzoo.registry import BACKBONES, HEADS
+from conftest import shared_path
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 SUITES = sorted(glob.glob(os.path.join(ROOT, 'recipes', 'suites', '*.py')))
@@ -21,6 +22,9 @@ SUITES = sorted(glob.glob(os.path.join(ROOT, 'recipes', 'suites', '*.py')))
                          ids=[os.path.basename(s)[:-3] for s in SUITES])
 def test_suite_runs_resolve_and_validate(suite_path, tmp_path):
     suite = load_suite(suite_path)
+    if 'real_faces' in suite_path:  # pretrained teachers and real data
+        shared_path('teachers')
+        shared_path('data', 'train', 'celeba299')
     run_dirs = {}
     for run in suite['runs']:
         where = f'{suite_path}: run {run["name"]!r}'
@@ -30,7 +34,7 @@ def test_suite_runs_resolve_and_validate(suite_path, tmp_path):
         run_dir = tmp_path / run['name']
         cfg = load_recipe(recipe, options, str(run_dir))
         validate_config(cfg)
-        if run.get('role') == 'teacher':
+        if run.get('role') == 'teacher' and cfg.get('train_dataloader'):
             # what a finished teacher run leaves for the runs after it
             run_dir.mkdir()
             student = cfg.model.student

@@ -12,6 +12,9 @@ A suite is a Python file defining ``runs``, a list of dicts:
   True for students, False for teachers (a teacher is trained once, with
   its recipe's seed, and shared by every student seed).
 
+A recipe without ``train_dataloader`` (e.g. a pretrained teacher's
+evaluation) is only tested.
+
 and optionally ``work_dir``, ``columns`` (list of (title, metric key)),
 ``seeds`` (how many seeds, default 1; ``--seeds`` overrides) and ``plot``
 (``dict(protocol='cross_age', far=1e-3)``).
@@ -169,7 +172,10 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
             record = None if force else _finished(run_dir, run_hash)
             tag = name if seed is None else f'{name} seed {seed}'
             if record is None:
-                record = train_recipe(cfg)
+                # a recipe without training data is evaluated as it is
+                # (a pretrained teacher's reference row)
+                record = train_recipe(cfg) if cfg.get('train_dataloader') \
+                    else test_recipe(cfg)
                 record['run_hash'] = run_hash
                 record['recipe'] = run['recipe']
                 record['role'] = role

@@ -1,0 +1,41 @@
+# Real data, LIAAD as far as pretrained ONNX teachers allow (see
+# recipes/liaad/liaad.py for what is verified and what reconstructed):
+#   - final angular distillation from the FR teacher (ShrinkTeaNet Eq. 4,
+#     verified), its embeddings cached;
+#   - attention maps of a second teacher's last two stages (14x14 and 7x7
+#     maps of faceplugin_fr_feature.onnx, found in its converted graph)
+#     transferred to the student's stages 3 and 4 (reconstructed: channel
+#     mean of |F|^2, L2-normalised, resized bilinearly to the student's
+#     maps). This teacher runs online: the cache holds embeddings only.
+# Two departures from LIAAD, both forced by the data at hand: no
+# age-invariant teacher exists for real faces here (the second teacher is a
+# general FR model, so this tests the attention mechanism, not age
+# knowledge), and the stage-wise angular term is left out (an ONNX graph
+# cannot be restarted from an inner stage: no forward_from_stage).
+_base_ = ['../_base_/real_faces.py']
+model = dict(
+    teachers=dict(
+        teacher_att=dict(
+            type='OnnxTeacher',
+            file='../shared/teachers/faceplugin_fr_feature.onnx',
+            input_size=(112, 112),
+            # outputs at 56, 28, 14 and 7 px in the converted graph
+            stage_paths=['PRelu_5', 'PRelu_34', 'PRelu_75', 'PRelu_92'])),
+    connectors=dict(
+        proj_fr=dict(type='LinearProjector', out_features=192)),
+    distill_losses=dict(
+        loss_ang=dict(
+            type='AngularDistillationLoss', p=2, loss_weight=16.0,
+            inputs=dict(s_emb=dict(tap='student.embedding',
+                                   connector='proj_fr'),
+                        t_emb='teacher_fr.embedding')),
+        loss_att3=dict(
+            type='AgeAttentionLoss', q=2, attention_use='transfer',
+            loss_weight=1000.0,
+            inputs=dict(s_feat='student.stage3',
+                        t_feat='teacher_att.stage3')),
+        loss_att4=dict(
+            type='AgeAttentionLoss', q=2, attention_use='transfer',
+            loss_weight=1000.0,
+            inputs=dict(s_feat='student.stage4',
+                        t_feat='teacher_att.stage4'))))
