@@ -87,6 +87,20 @@ class BaseBackbone(nn.Module):
                 f'input_size={tuple(self.input_size)}')
 
 
+def init_conv_bn_(module: nn.Module) -> None:
+    """He (fan_out) init of convolutions and linears, zero biases, unit
+    BatchNorm2d: the init of insightface's and TFace's face backbones."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out',
+                                    nonlinearity='relu')
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def check_positive_int(owner: str, name: str, value) -> int:
     """``value`` as an int >= 1, or ``ConfigError`` naming the argument."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -12,7 +12,8 @@ from torch import nn
 
 from kdzoo.registry import BACKBONES
 from .base import (BaseBackbone, check_input_size, check_int_tuple,
-                   check_positive_int, check_width_mult, scaled_width)
+                   check_positive_int, check_width_mult, init_conv_bn_,
+                   scaled_width)
 
 TOTAL_STRIDE = 16  # stem and three DepthWise downsamplings, stride 2 each
 
@@ -174,15 +175,7 @@ class MobileFaceNet(BaseBackbone):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out',
-                                        nonlinearity='relu')
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_(self)  # as insightface/TFace initialise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:

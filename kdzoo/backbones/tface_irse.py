@@ -42,7 +42,7 @@ from torch import nn
 from kdzoo.registry import BACKBONES
 from kdzoo.utils import ConfigError
 from .base import (BaseBackbone, check_fraction, check_input_size,
-                   check_int_tuple, check_positive_int)
+                   check_int_tuple, check_positive_int, init_conv_bn_)
 
 # units per stage, as TFace's get_blocks(num_layers)
 TFACE_UNITS = {
@@ -198,16 +198,7 @@ class TFaceIR(BaseBackbone):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # TFace's initialize_weights: He (fan_out) convs/linears, unit BN
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out',
-                                        nonlinearity='relu')
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn_(self)  # as insightface/TFace initialise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output_layer(self.body(self.input_layer(x)))
