@@ -1,4 +1,5 @@
 """Runner glue: build an mmengine runner from a recipe, train, test, record."""
+import datetime
 import hashlib
 import json
 import logging
@@ -9,9 +10,12 @@ from typing import Optional
 
 import torch
 from mmengine.config import Config
+from mmengine.dist import is_main_process
+from mmengine.model import is_model_wrapper
+from mmengine.registry import MODEL_WRAPPERS
 from mmengine.runner import EpochBasedTrainLoop, Runner
 
-from kdzoo.utils import atomic_write_json, load_module_weights
+from kdzoo.utils import ConfigError, atomic_write_json, load_module_weights
 from kdzoo.version import __version__
 from .checkpoint import find_resume_checkpoint, runner_checkpoint_policy
 from .exact_resume import ResumableEpochBasedTrainLoop, RngStateHook
@@ -55,6 +59,31 @@ class KdzooRunner(Runner):
         if not any(isinstance(h, RngStateHook) for h in self.hooks):
             self.register_hook(RngStateHook())
 
+    def setup_env(self, env_cfg):
+        # mmengine's pytorch launcher calls torch.cuda.set_device(LOCAL_RANK),
+        # which fails on a machine without a GPU: start CPU processes here
+        if (self.distributed and self.launcher == 'pytorch'
+                and not torch.cuda.is_available()
+                and not torch.distributed.is_initialized()):
+            init_cpu_process_group(env_cfg.get('dist_cfg') or {})
+        super().setup_env(env_cfg)
+
+    def wrap_model(self, model_wrapper_cfg, model):
+        # mmengine hands DDP device_ids=[LOCAL_RANK], which DDP rejects for
+        # a CPU module; a CPU module is wrapped with device_ids=None
+        if not self.distributed or torch.cuda.is_available() or \
+                is_model_wrapper(model):
+            return super().wrap_model(model_wrapper_cfg, model)
+        if self.cfg.get('sync_bn'):
+            raise ConfigError('sync_bn: SyncBatchNorm runs on GPUs only; '
+                              'remove sync_bn to train on CPU processes')
+        cfg = dict(model_wrapper_cfg or dict(
+            broadcast_buffers=False,
+            find_unused_parameters=self.cfg.get('find_unused_parameters',
+                                                False)))
+        cfg.setdefault('type', 'MMDistributedDataParallel')
+        return MODEL_WRAPPERS.build(cfg, default_args=dict(module=model))
+
     def build_train_loop(self, loop):
         # exact mid-epoch resume; otherwise the same as mmengine's loop
         if isinstance(loop, dict) and loop.get('type') in (
@@ -67,6 +96,27 @@ class KdzooRunner(Runner):
         with runner_checkpoint_policy():
             return super().load_checkpoint(filename, map_location, strict,
                                            revise_keys)
+
+
+def init_cpu_process_group(dist_cfg: dict) -> None:
+    """``torch.distributed`` for CPU processes started by ``torchrun``.
+
+    ``dist_cfg`` is the recipe's ``env_cfg.dist_cfg`` (``backend`` and
+    ``init_process_group`` arguments, ``timeout`` in seconds); rank, world
+    size and address come from torchrun's environment variables. NCCL needs
+    GPUs, so a CPU run must use ``backend='gloo'``.
+    """
+    kwargs = dict(dist_cfg)
+    kwargs.pop('init_backend', None)
+    backend = kwargs.pop('backend', 'nccl')
+    if backend == 'nccl':
+        raise ConfigError(
+            "env_cfg.dist_cfg.backend='nccl' needs CUDA GPUs and none is "
+            'available: train on CPU processes with --cfg-options '
+            "env_cfg.dist_cfg.backend='gloo'")
+    if kwargs.get('timeout') is not None:
+        kwargs['timeout'] = datetime.timedelta(seconds=kwargs['timeout'])
+    torch.distributed.init_process_group(backend=backend, **kwargs)
 
 
 def load_recipe(path: str, cfg_options: Optional[dict] = None,
@@ -250,5 +300,6 @@ def write_results(runner, cfg, metrics, train_time, test_time,
         **_environment())
     if curves is not None:  # None: not tested (run_test=False)
         record['curves'] = curves
-    atomic_write_json(os.path.join(cfg.work_dir, filename), record)
+    if is_main_process():  # one writer under torchrun
+        atomic_write_json(os.path.join(cfg.work_dir, filename), record)
     return record
