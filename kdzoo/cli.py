@@ -119,6 +119,11 @@ def cmd_pack(args):
               f'{done["num_images"]} images) -> {args.out}')
 
 
+def cmd_bench(args):
+    from kdzoo.engine.bench import run_cli
+    run_cli(args)
+
+
 def cmd_list(args):
     import kdzoo  # noqa: F401
     from kdzoo.registry import LISTABLE
@@ -268,6 +273,13 @@ def build_parser():
     p.add_argument('kind', nargs='?', choices=list(LISTABLE))
     p.add_argument('--json', action='store_true')
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser('bench', help='training speed: student alone, with '
+                       'one/two online teachers, two cached teachers, and a '
+                       'plain PyTorch loop (images/s, ms/step, memory)')
+    from kdzoo.engine.bench import add_bench_arguments
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
