@@ -10,7 +10,7 @@ _base_ = [
     './default_runtime.py',
     './datasets/celeba299_lfw_cfp.py',
 ]
-max_epochs = 6
+max_epochs = 4
 student_backbone = dict(type='MobileFaceNet', width_mult=0.5,
                         embedding_size=128, input_size=(64, 64))
 model = dict(
