@@ -12,7 +12,8 @@
 # general FR model, so this tests the attention mechanism, not age
 # knowledge), and the stage-wise angular term is left out (an ONNX graph
 # cannot be restarted from an inner stage: no forward_from_stage).
-_base_ = ['../_base_/real_faces.py']
+# = angular_kd.py (same projector, weight and cached teacher) + attention.
+_base_ = ['./angular_kd.py']
 model = dict(
     teachers=dict(
         teacher_att=dict(
@@ -21,14 +22,7 @@ model = dict(
             input_size=(112, 112),
             # outputs at 56, 28, 14 and 7 px in the converted graph
             stage_paths=['PRelu_5', 'PRelu_34', 'PRelu_75', 'PRelu_92'])),
-    connectors=dict(
-        proj_fr=dict(type='LinearProjector', out_features=192)),
     distill_losses=dict(
-        loss_ang=dict(
-            type='AngularDistillationLoss', p=2, loss_weight=16.0,
-            inputs=dict(s_emb=dict(tap='student.embedding',
-                                   connector='proj_fr'),
-                        t_emb='teacher_fr.embedding')),
         loss_att3=dict(
             type='AgeAttentionLoss', q=2, attention_use='transfer',
             loss_weight=1000.0,
