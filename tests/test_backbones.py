@@ -10,20 +10,14 @@ from conftest import shared_path
 from kdzoo.backbones import (IResNet, MobileFaceNet, OnnxBackbone,
                              TimmBackbone)
 from kdzoo.registry import BACKBONES, MODELS
+from kdzoo.teachers.adapters import ARCFACE_TORCH_ARCHS
 from kdzoo.utils import ConfigError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), 'fixtures',
                        'arcface_torch_state_dicts.json')
-# arcface_torch get_model() names -> kdzoo configs.
-ARCFACE_CONFIGS = {
-    'r18': dict(type='IResNet', depth=18),
-    'r34': dict(type='IResNet', depth=34),
-    'r50': dict(type='IResNet', depth=50),
-    'r100': dict(type='IResNet', depth=100),
-    'r200': dict(type='IResNet', depth=200),
-    'mbf': dict(type='MobileFaceNet'),
-    'mbf_large': dict(type='MobileFaceNet', scale=4, blocks=(2, 8, 12, 4)),
-}
+# arcface_torch get_model() names -> kdzoo configs: the table the
+# ArcFaceTorchTeacher adapter builds from, checked against the key fixture.
+ARCFACE_CONFIGS = ARCFACE_TORCH_ARCHS
 TINY_IRESNET = dict(width_mult=0.125, layers=(1, 1, 1, 1), embedding_size=16)
 TINY_MBF = dict(width_mult=0.125, blocks=(1, 1, 1, 1), embedding_size=16)
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from kdzoo.utils import ConfigError, DataError, atomic_write_json
+from kdzoo.utils.fileio import kdzoo_cache_dir
 
 __all__ = ['TeacherOutputCache', 'teacher_checksum', 'dataset_checksum',
            'default_teacher_cache_dir', 'build_teacher_cache',
@@ -38,9 +39,7 @@ _DTYPES = {'float32': np.float32, 'float16': np.float16}
 
 def default_teacher_cache_dir() -> str:
     """``$KDZOO_CACHE/teacher_outputs``, else ``~/.cache/kdzoo/...``."""
-    root = os.environ.get('KDZOO_CACHE') or os.path.join(
-        os.path.expanduser('~'), '.cache', 'kdzoo')
-    return os.path.join(os.path.expanduser(root), 'teacher_outputs')
+    return kdzoo_cache_dir('teacher_outputs')
 
 
 def teacher_checksum(teacher: torch.nn.Module) -> str:

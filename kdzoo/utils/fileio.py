@@ -19,6 +19,13 @@ def _umask() -> int:
     return mask
 
 
+def kdzoo_cache_dir(name: str) -> str:
+    """``$KDZOO_CACHE/<name>`` if set, else ``~/.cache/kdzoo/<name>``."""
+    root = os.environ.get('KDZOO_CACHE') or os.path.join('~', '.cache',
+                                                         'kdzoo')
+    return os.path.join(os.path.expanduser(root), name)
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (fsync, then ``os.replace``)."""
     path = os.fspath(path)

@@ -65,7 +65,7 @@ from mmengine.logging import print_log
 
 from kdzoo.registry import DATASETS, TRANSFORMS
 from kdzoo.utils.errors import ConfigError, did_you_mean
-from kdzoo.utils.fileio import atomic_write_bytes
+from kdzoo.utils.fileio import atomic_write_bytes, kdzoo_cache_dir
 
 from .generate import generate_split, split_layout
 from .identities import NUISANCE_KEYS, normalize_difficulty
@@ -87,11 +87,7 @@ _DEFAULTS = {
 
 def default_cache_dir() -> str:
     """``$KDZOO_CACHE/synthface`` if set, else ``~/.cache/kdzoo/synthface``."""
-    root = os.environ.get('KDZOO_CACHE')
-    if root:
-        return os.path.join(os.path.expanduser(root), 'synthface')
-    return os.path.join(os.path.expanduser('~'), '.cache', 'kdzoo',
-                        'synthface')
+    return kdzoo_cache_dir('synthface')
 
 
 def _share(path: str) -> None:
