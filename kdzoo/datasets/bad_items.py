@@ -79,9 +79,7 @@ class SkipBadItemsMixin:
     def __getstate__(self):
         # forked workers inherit the shared counter; a pickled copy (spawned
         # workers) cannot carry it and counts on its own
-        state = super().__getstate__() if hasattr(
-            super(), '__getstate__') else self.__dict__.copy()
-        state = dict(state)
+        state = self.__dict__.copy()
         state['_bad_count'] = None
         return state
 

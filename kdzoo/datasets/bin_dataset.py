@@ -14,7 +14,8 @@ import numpy as np
 from mmengine.dataset import BaseDataset
 from PIL import Image
 
-from kdzoo.registry import DATASETS, TRANSFORMS
+from kdzoo.registry import DATASETS
+from kdzoo.datasets.dataset_args import build_pipeline, parse_image_size
 from kdzoo.utils.errors import ConfigError, DataError
 
 __all__ = ['InsightFaceBinDataset', 'load_bin_pairs']
@@ -134,20 +135,11 @@ class InsightFaceBinDataset(BaseDataset):
             raise ConfigError('InsightFaceBinDataset: `indices` is not '
                               'supported (the pairs refer to positions in '
                               'the whole file)')
-        if image_size is not None:
-            image_size = (int(image_size), ) * 2 if np.isscalar(image_size) \
-                else tuple(int(s) for s in image_size)
-            if len(image_size) != 2 or min(image_size) < 1:
-                raise ConfigError(f'InsightFaceBinDataset: image_size must '
-                                  f'be an int or (h, w), got {image_size}')
-        self.image_size = image_size
+        self.image_size = parse_image_size(image_size,
+                                           type(self).__name__)
         self.num_folds = int(num_folds)
         self.protocol = protocol
-        if pipeline is None:
-            pipeline = [dict(type='PackFaceInputs')]
-        # Build with kdzoo's registry so it works without a default scope.
-        pipeline = [TRANSFORMS.build(t) if isinstance(t, dict) else t
-                    for t in pipeline]
+        pipeline = build_pipeline(pipeline)
         super().__init__(ann_file=ann_file, data_root=data_root,
                          pipeline=pipeline, **kwargs)
 
