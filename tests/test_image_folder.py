@@ -132,3 +132,13 @@ def test_celeba299_layout():
     ds = ImageFolderFaces(root, max_identities=3, max_images_per_identity=2)
     assert len(ds) == 6
     assert ds.get_data_info(5)['img'].shape == (112, 112, 3)
+
+
+def test_extensions_as_a_plain_string_is_refused(tmp_path):
+    from kdzoo.registry import DATASETS
+    from kdzoo.utils.errors import ConfigError
+    (tmp_path / 'id0').mkdir()
+    with pytest.raises(ConfigError, match=r"extensions must be a list.*"
+                       r"got 'jpg'"):
+        DATASETS.build(dict(type='ImageFolderFaces', data_root=str(tmp_path),
+                            extensions='jpg'))

@@ -322,10 +322,13 @@ def test_pickle_and_dataloader(tmp_path):
     assert torch.equal(batches[0]['inputs'][1],
                        torch.from_numpy(images[1]).permute(2, 0, 1))
     # worker processes reopen the file (fork keeps the parent's handle)
-    loader = DataLoader(ds, batch_size=5, collate_fn=default_collate,
+    loader = DataLoader(ds, batch_size=1, collate_fn=default_collate,
                         num_workers=2)
-    batch = next(iter(loader))
-    assert batch['data_samples']['label'].tolist() == labels
+    batches = list(loader)  # items alternate between the two workers
+    assert [b['data_samples']['label'].item() for b in batches] == labels
+    for b, img in zip(batches, images):
+        assert torch.equal(b['inputs'][0],
+                           torch.from_numpy(img).permute(2, 0, 1))
 
 
 def test_labels_stored_for_samplers(tmp_path):

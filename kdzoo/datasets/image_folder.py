@@ -55,6 +55,9 @@ def scan_identity_folders(root: str,
                                  min_images_per_identity) or 1
     max_images = _optional_count(owner, 'max_images_per_identity',
                                  max_images_per_identity)
+    if isinstance(extensions, str):  # 'jpg' would become '.j', '.p', '.g'
+        raise ConfigError(f'{owner}: extensions must be a list of file '
+                          f"endings, e.g. ['.jpg'], got {extensions!r}")
     exts = tuple(e.lower() if e.startswith('.') else '.' + e.lower()
                  for e in extensions)
     if not os.path.isdir(root):
@@ -119,7 +122,9 @@ class ImageFolderFaces(SkipBadItemsMixin, BaseDataset):
             raise ConfigError('ImageFolderFaces: data_root (the folder of '
                               'identity folders) is required')
         self.image_size = parse_image_size(image_size, 'ImageFolderFaces')
-        self.extensions = tuple(extensions)
+        # a plain string is refused by scan_identity_folders, not split
+        self.extensions = extensions if isinstance(extensions, str) \
+            else tuple(extensions)
         self.subsample = dict(
             max_identities=max_identities,
             min_images_per_identity=min_images_per_identity,

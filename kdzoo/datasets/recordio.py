@@ -130,7 +130,7 @@ def _read_index(idx_path: str) -> Tuple[np.ndarray, np.ndarray]:
         table = np.array(fields, dtype=np.int64).reshape(-1, 2)
     except (ValueError, OverflowError):
         table = None
-    if table is None or (table[:, 1] < 0).any():
+    if table is None or (table < 0).any():
         for n, line in enumerate(text.splitlines(), 1):
             parts = line.split()
             if parts and not (len(parts) == 2 and all(

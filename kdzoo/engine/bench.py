@@ -24,7 +24,8 @@ The kdzoo settings step exactly as a kdzoo run does: ``model.train_step``
 (SGD lr 0.1, momentum 0.9, weight decay 5e-4, ``clip_grad`` max_norm 5;
 ``GuardedAmpOptimWrapper`` for bf16/fp16). The runner's hooks (logging,
 checkpoints, progress bar) are not run. The plain loop does the same
-arithmetic: the same SGD and clipping, autocast, a GradScaler for fp16.
+arithmetic: the same SGD and clipping, autocast, a GradScaler under AMP
+(as mmengine's AmpOptimWrapper, for bf16 too).
 
 Data modes: ``synthetic`` is one pre-made uint8 batch on the device (half
 of it mirrored), so the model is measured, not the input; ``loader`` reads
@@ -378,7 +379,7 @@ def cosface_loss(emb: torch.Tensor, weight: torch.Tensor,
 class PlainLoop:
     """The reference training step in plain PyTorch (no mmengine, no kdzoo
     wrapper on the step path): normalise, backbone under autocast, inline
-    CosFace head, backward (GradScaler for fp16), clip, SGD step."""
+    CosFace head, backward (GradScaler under AMP), clip, SGD step."""
 
     def __init__(self, backbone: nn.Module, head_weight: torch.Tensor,
                  device: torch.device, precision: str,
@@ -393,8 +394,9 @@ class PlainLoop:
                        if p.requires_grad] + [self.weight]
         sgd = {k: v for k, v in OPTIMIZER.items() if k != 'type'}
         self.optimizer = torch.optim.SGD(self.params, **sgd)
+        # as mmengine's AmpOptimWrapper: dynamic loss scaling under any AMP
         self.scaler = torch.amp.GradScaler(device.type,
-                                           enabled=precision == 'fp16')
+                                           enabled=precision != 'fp32')
 
     def loss(self, data: dict) -> torch.Tensor:
         x = data['inputs'].to(self.device, non_blocking=True)

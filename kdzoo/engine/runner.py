@@ -19,6 +19,7 @@ from kdzoo.utils import ConfigError, atomic_write_json, load_module_weights
 from kdzoo.version import __version__
 from .checkpoint import find_resume_checkpoint, runner_checkpoint_policy
 from .exact_resume import ResumableEpochBasedTrainLoop, RngStateHook
+from .teacher_cache_hook import TeacherCacheHook
 from .validate import validate_config
 
 
@@ -148,7 +149,9 @@ def _add_teacher_cache_hook(cfg: Config) -> None:
     if not (cfg.get('model') or {}).get('teacher_cache'):
         return
     hooks = list(cfg.get('custom_hooks') or [])
-    if not any(h.get('type') in ('TeacherCacheHook', 'kdzoo.TeacherCacheHook')
+    if not any(isinstance(h, TeacherCacheHook) or (
+            isinstance(h, dict) and h.get('type') in (
+                'TeacherCacheHook', 'kdzoo.TeacherCacheHook', TeacherCacheHook))
                for h in hooks):
         hooks.append(dict(type='TeacherCacheHook'))
         cfg.custom_hooks = hooks

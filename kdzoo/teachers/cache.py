@@ -13,7 +13,9 @@ normalisation the student uses, and the batch size the embeddings were
 computed at. Batches are always full (the last one is padded): on CPU and
 GPU a convolution's per-sample result can depend on the batch *size*, not
 on the other samples, so a cache built at the training batch size equals
-the online teacher's output exactly on full training batches (tested).
+the online teacher's output exactly on full training batches (tested, in
+fp32). The cache is computed in fp32: under AMP training the online
+teacher would run in reduced precision, so there the two differ slightly.
 """
 import hashlib
 import json
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 from kdzoo.utils import ConfigError, DataError, atomic_write_json
-from kdzoo.utils.fileio import kdzoo_cache_dir
+from kdzoo.utils.fileio import _umask, kdzoo_cache_dir
 
 __all__ = ['TeacherOutputCache', 'teacher_checksum', 'dataset_checksum',
            'default_teacher_cache_dir', 'build_teacher_cache',
@@ -162,6 +164,9 @@ def build_teacher_cache(teacher: torch.nn.Module,
                             'input normalisation')
         out.flush()
         del out
+        with open(tmp, 'rb+') as f:  # on disk before it is renamed into place
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
