@@ -50,7 +50,8 @@ def cmd_evaluate(args):
         raise ConfigError('evaluate needs --bin FILE (InsightFace .bin set, '
                           'repeatable) and/or --ijb ROOT (IJB-B/C folder '
                           'with meta/ and loose_crop/)')
-    backbone = json.loads(args.backbone) if args.backbone else None
+    from kdzoo.utils import json_option
+    backbone = json_option('--backbone', args.backbone)
     results = {}
     if args.bin:
         results = evaluate_pretrained(

@@ -446,3 +446,12 @@ def test_compare_placeholder_must_name_an_earlier_run(tmp_path, capsys):
     assert main(['compare', str(suite), '--work-dir',
                  str(tmp_path / 'w')]) == 2
     one_line_error(capsys, '{teachr}', 'names no earlier run')
+
+
+def test_evaluate_bad_backbone_json_is_one_line(capsys):
+    from kdzoo.cli import main
+    assert main(['evaluate', '--model', __file__, '--backbone', '{bad',
+                 '--bin', 'x.bin']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1
+    assert "--backbone: invalid JSON" in err and '"type": "IResNet"' in err

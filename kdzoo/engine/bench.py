@@ -67,7 +67,7 @@ from torch import nn
 
 from kdzoo.registry import BACKBONES, MODELS
 from kdzoo.utils import (ConfigError, atomic_torch_save, atomic_write_json,
-                         did_you_mean)
+                         did_you_mean, json_option)
 from kdzoo.version import __version__
 from .flops import count_forward_flops
 
@@ -959,27 +959,16 @@ def add_bench_arguments(parser) -> None:
                    help='JSON results (written atomically)')
 
 
-def _json_option(option: str, text: Optional[str]):
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f'{option}: invalid JSON ({e.msg} at character '
-                          f'{e.pos}): {text!r}; e.g. \'{{"type": "IResNet", '
-                          '"depth": 50}\'') from None
-
-
 def run_cli(args) -> dict:
     """``kdzoo bench``: measure, print the tables, write the JSON."""
     teachers = None
     if args.teacher is not None:
-        teachers = [_json_option('--teacher', t) for t in args.teacher]
+        teachers = [json_option('--teacher', t) for t in args.teacher]
     cfg = make_config(
         device=args.device, precision=args.precision,
         batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
         image_size=args.image_size,
-        student=_json_option('--student', args.student), teachers=teachers,
+        student=json_option('--student', args.student), teachers=teachers,
         preset=args.preset, settings=args.settings, data=args.data,
         num_workers=args.num_workers, num_classes=args.num_classes,
         channels_last=args.channels_last, compile=args.compile,

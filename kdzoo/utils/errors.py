@@ -32,3 +32,18 @@ def did_you_mean(name: str, candidates: Iterable[str], n: int = 5) -> str:
     """A ' Did you mean: a, b?' suffix, or '' when nothing is close."""
     hits = closest(name, candidates, n)
     return f" Did you mean: {', '.join(repr(h) for h in hits)}?" if hits else ''
+
+
+def json_option(option: str, text):
+    """A command-line option holding JSON (e.g. a backbone config), parsed;
+    ``None`` stays ``None``; bad JSON is a ``ConfigError`` naming the
+    option."""
+    import json
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f'{option}: invalid JSON ({e.msg} at character '
+                          f'{e.pos}): {text!r}; e.g. \'{{"type": "IResNet", '
+                          '"depth": 50}\'') from None
