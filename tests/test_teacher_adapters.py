@@ -418,7 +418,10 @@ def test_tface_errors(tface_ir18, tmp_path):
     wrapped = tmp_path / 'ddp.pth'
     torch.save({'module.' + k: v for k, v in ref.state_dict().items()},
                wrapped)
-    TFaceTeacher(depth=18, checkpoint=str(wrapped), embedding_size=EMB)
+    loaded = TFaceTeacher(depth=18, checkpoint=str(wrapped),
+                          embedding_size=EMB).network.state_dict()
+    for key, value in ref.state_dict().items():
+        assert torch.equal(loaded[key], value), key
 
 
 # -------------------------------------------------------------------- timm --
@@ -475,7 +478,11 @@ def test_timm_wrapped_file_and_errors(timm_ref, tmp_path):
     torch.save({'state_dict': {'module.' + k: v
                                for k, v in ref.state_dict().items()}},
                wrapped)
-    TimmTeacher('resnet10t', str(wrapped), input_size=32)
+    loaded = TimmTeacher('resnet10t', str(wrapped),
+                         input_size=32).network.state_dict()
+    assert len(loaded) == len(ref.state_dict())
+    for (key, value), mine in zip(ref.state_dict().items(), loaded.values()):
+        assert torch.equal(mine, value), key
     with pytest.raises(CheckpointError, match=r"TimmTeacher checkpoint file "
                        r"not found: '.*absent\.pth'"):
         TimmTeacher('resnet10t', str(tmp_path / 'absent.pth'))
