@@ -320,3 +320,75 @@ def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path, cache_dir):
     prefix = 'student.backbone.'
     for key, value in state.items():
         torch.testing.assert_close(value, ckpt['state_dict'][prefix + key])
+
+
+STUDENT_RECIPE = os.path.join(ROOT, 'recipes', 'students',
+                              'mbf_synthface_age.py')
+
+
+def _torchrun(tmp_path, recipe, work, options, extra=()):
+    env = dict(os.environ, OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join(
+                   [ROOT] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+           '--nproc_per_node', str(WORLD), '-m', 'kdzoo.cli', 'train',
+           recipe, '--work-dir', str(work), '--launcher', 'pytorch',
+           *extra, '--cfg-options'] + as_cli(options)
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _load(path):
+    return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def _momentum_of(ckpt, key):
+    """The optimizer state of the parameter ``key`` of a runner checkpoint
+    (its index: the position among the trainable parameters, which is the
+    order the optimizer constructor adds them in)."""
+    names = [k for k in ckpt['state_dict'] if k.startswith('student.')
+             and not k.endswith(('running_mean', 'running_var',
+                                 'num_batches_tracked'))]
+    return ckpt['optimizer']['state'][names.index(key)]['momentum_buffer']
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason='tests the CPU (gloo) path')
+def test_torchrun_partial_fc_checkpoint_holds_all_centres_and_resumes(
+        tmp_path, cache_dir):
+    """21 classes over 2 ranks (shards of 11 and 10): checkpoints and
+    head.pth hold all 21 centres with their momentum, and a run resumed
+    from epoch 1 on 2 processes ends bit-identical to the uninterrupted
+    one (rank 1 got its own rows and momentum back)."""
+    classes = 21
+    options = tiny_options(cache_dir, epochs=2, test=False, **{
+        'train_dataloader.dataset.num_identities': classes,
+        'model.student.head.num_classes': classes,
+        'model.student.head.type': 'PartialFC',
+        'model.student.head.margin': 'cosface',
+        'env_cfg.dist_cfg.backend': 'gloo'})
+    full = tmp_path / 'full'
+    _torchrun(tmp_path, STUDENT_RECIPE, full, options)
+    first, last = _load(full / 'epoch_1.pth'), _load(full / 'epoch_2.pth')
+    key = 'student.head.weight'
+    for ckpt in (first, last):
+        assert ckpt['state_dict'][key].shape == (classes, 64)
+        assert _momentum_of(ckpt, key).shape == (classes, 64)
+        assert _momentum_of(ckpt, key)[11:].abs().min() > 0  # rank 1 rows
+    moved = (last['state_dict'][key] - first['state_dict'][key]).abs()
+    assert moved[:11].amax(1).min() > 0 and moved[11:].amax(1).min() > 0
+    head = torch.load(full / 'head.pth', weights_only=True)
+    torch.testing.assert_close(head['weight'], last['state_dict'][key],
+                               rtol=0, atol=0)
+    # "killed" after epoch 1: a work dir holding only that checkpoint
+    resumed = tmp_path / 'resumed'
+    resumed.mkdir()
+    (resumed / 'epoch_1.pth').write_bytes((full / 'epoch_1.pth').read_bytes())
+    _torchrun(tmp_path, STUDENT_RECIPE, resumed, options, extra=['--resume'])
+    again = _load(resumed / 'epoch_2.pth')
+    for name, want in last['state_dict'].items():
+        torch.testing.assert_close(again['state_dict'][name], want, rtol=0,
+                                   atol=0, msg=lambda m: f'{name}: {m}')
+    torch.testing.assert_close(_momentum_of(again, key),
+                               _momentum_of(last, key), rtol=0, atol=0)

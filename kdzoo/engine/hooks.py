@@ -8,6 +8,7 @@ from mmengine.model import is_model_wrapper
 
 from kdzoo.registry import HOOKS
 from kdzoo.utils import atomic_torch_save
+from .sharded_heads import full_state_dict
 
 
 def _unwrap(model):
@@ -96,22 +97,19 @@ class ExportStudentHook(Hook):
 
     ``backbone.pth`` is a plain state dict (insightface layout for IResNet and
     MobileFaceNet) that ``CheckpointTeacher`` and arcface_torch code load;
-    no teacher or connector weights. Files are written atomically.
+    no teacher or connector weights; ``head.pth`` holds all class centres
+    (PartialFC shards gathered). Files are written atomically.
     """
 
     priority = 'LOW'
 
     def after_train(self, runner):
+        student = _unwrap(runner.model).student
+        # every rank: PartialFC's centres are gathered whole (a collective)
+        head = None if student.head is None else full_state_dict(student.head)
         if not is_main_process():
             return
-        student = _unwrap(runner.model).student
-        atomic_torch_save(_cpu_state(student.backbone),
+        atomic_torch_save(full_state_dict(student.backbone),
                           os.path.join(runner.work_dir, 'backbone.pth'))
-        if student.head is not None:
-            atomic_torch_save(_cpu_state(student.head),
-                              os.path.join(runner.work_dir, 'head.pth'))
-
-
-def _cpu_state(module):
-    return {k: v.detach().cpu().clone() for k, v in
-            module.state_dict().items()}
+        if head is not None:
+            atomic_torch_save(head, os.path.join(runner.work_dir, 'head.pth'))

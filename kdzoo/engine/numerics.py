@@ -55,6 +55,7 @@ from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.utils import is_list_of
 
 from kdzoo.utils import ConfigError, KdzooError
+from .sharded_heads import ShardAwareClipMixin
 
 from kdzoo.registry import OPTIM_WRAPPERS
 
@@ -350,12 +351,14 @@ class NonFiniteGuardMixin:
 
 
 @OPTIM_WRAPPERS.register_module()
-class GuardedOptimWrapper(NonFiniteGuardMixin, OptimWrapper):
+class GuardedOptimWrapper(NonFiniteGuardMixin, ShardAwareClipMixin,
+                          OptimWrapper):
     """OptimWrapper that never steps on a NaN/Inf loss or gradient."""
 
 
 @OPTIM_WRAPPERS.register_module()
-class GuardedAmpOptimWrapper(NonFiniteGuardMixin, AmpOptimWrapper):
+class GuardedAmpOptimWrapper(NonFiniteGuardMixin, ShardAwareClipMixin,
+                             AmpOptimWrapper):
     """AmpOptimWrapper that never steps on a NaN/Inf loss (GradScaler
     handles gradient overflow)."""
 

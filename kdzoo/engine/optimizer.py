@@ -5,6 +5,7 @@ from mmengine.registry import OPTIMIZERS
 from kdzoo.registry import OPTIM_WRAPPER_CONSTRUCTORS
 from kdzoo.utils import ConfigError, did_you_mean
 from .numerics import GUARDED_WRAPPERS
+from .sharded_heads import sharded_params
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
@@ -61,6 +62,9 @@ class TrainableOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             group['params'] = [p for p in group['params'] if p.requires_grad]
         optimizer.param_groups[:] = [g for g in optimizer.param_groups
                                      if g['params']]
+        # PartialFC shards: clipped by the norm over all ranks
+        optim_wrapper.row_sharded_params = tuple(
+            p for _, _, p in sharded_params(model))
         return optim_wrapper
 
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 from mmengine.config import Config
-from mmengine.dist import is_main_process
+from mmengine.dist import broadcast, is_main_process
 from mmengine.model import is_model_wrapper
 from mmengine.registry import MODEL_WRAPPERS
 from mmengine.runner import EpochBasedTrainLoop, Runner
@@ -19,6 +19,8 @@ from kdzoo.utils import ConfigError, atomic_write_json, load_module_weights
 from kdzoo.version import __version__
 from .checkpoint import find_resume_checkpoint, runner_checkpoint_policy
 from .exact_resume import ResumableEpochBasedTrainLoop, RngStateHook
+from .sharded_heads import (ShardedHeadCheckpointHook, gather_sharded_state,
+                            sharded_params)
 from .teacher_cache_hook import TeacherCacheHook
 from .validate import validate_config
 
@@ -38,6 +40,9 @@ class KdzooRunner(Runner):
 
     - checkpoints load with ``weights_only=True`` and the allow-list of
       ``kdzoo.engine.checkpoint`` (works on torch >= 2.6);
+    - under DDP, PartialFC's class-centre shards (and their optimizer
+      state) are gathered into whole matrices in checkpoints and sliced
+      back on load (``kdzoo.engine.sharded_heads``);
     - checkpoints carry the RNG states and an epoch-based run resumes
       exactly, even mid-epoch (``kdzoo.engine.exact_resume``);
     - the console shows warnings only (rich progress bars show progress);
@@ -57,8 +62,9 @@ class KdzooRunner(Runner):
 
     def register_hooks(self, default_hooks=None, custom_hooks=None):
         super().register_hooks(default_hooks, custom_hooks)
-        if not any(isinstance(h, RngStateHook) for h in self.hooks):
-            self.register_hook(RngStateHook())
+        for hook_type in (RngStateHook, ShardedHeadCheckpointHook):
+            if not any(isinstance(h, hook_type) for h in self.hooks):
+                self.register_hook(hook_type())
 
     def setup_env(self, env_cfg):
         # mmengine's pytorch launcher calls torch.cuda.set_device(LOCAL_RANK),
@@ -91,6 +97,29 @@ class KdzooRunner(Runner):
                 'EpochBasedTrainLoop', EpochBasedTrainLoop):
             loop = dict(loop, type=ResumableEpochBasedTrainLoop)
         return super().build_train_loop(loop)
+
+    def _init_model_weights(self):
+        # mmengine broadcasts every state tensor from rank 0 after
+        # init_weights; PartialFC shards differ per rank (and in size), so
+        # they are left out of the broadcast
+        model = self.model.module if is_model_wrapper(self.model) \
+            else self.model
+        if not hasattr(model, 'init_weights'):
+            return
+        model.init_weights()
+        skip = {key for key, _, _ in sharded_params(model)}
+        for key, value in model.state_dict().items():
+            if key not in skip:
+                broadcast(value)
+
+    def save_checkpoint(self, *args, **kwargs):
+        # every rank gathers the PartialFC centre shards (a collective)
+        # before mmengine's rank-0-only save writes them whole
+        self.gathered_shards = gather_sharded_state(self)
+        try:
+            super().save_checkpoint(*args, **kwargs)
+        finally:
+            self.gathered_shards = None
 
     def load_checkpoint(self, filename, map_location='cpu', strict=False,
                         revise_keys=[(r'^module.', '')]):

@@ -144,7 +144,9 @@ class PartialFC(BaseMarginHead):
       contiguous classes ``[class_start, class_start + num_local)``,
       ``num_local = C // W + (r < C % W)`` as arcface_torch. ``weight`` is
       a ``Parameter`` of shape ``(num_local, embedding_size)``, initialised
-      ``N(0, 0.01²)``.
+      as this rank's rows of one ``N(0, init_std²)`` ``(C, D)`` matrix
+      (the same centres whatever the world size; ``KdzooRunner`` keeps
+      the shards out of mmengine's rank-0 weight broadcast).
     * **Training** (:meth:`loss`): embeddings and labels are all-gathered
       (the embeddings through an autograd-aware gather, batch sizes may
       differ between ranks); cosines of the global batch against this
@@ -175,9 +177,14 @@ class PartialFC(BaseMarginHead):
       ``(B, num_local)`` (the full ``(B, C)`` only with ``W = 1``);
       ``forward(emb, labels)`` likewise, with the margin on the columns
       this rank owns. Neither communicates. Evaluation uses embeddings.
-    * **Checkpoints** hold only this rank's shard (``weight`` is
-      ``(num_local, D)``): resuming requires the same world size (a shard
-      of a different shape fails to load).
+    * **Checkpoints** hold the whole ``(C, D)`` centre matrix: under DDP
+      ``KdzooRunner.save_checkpoint`` gathers every rank's rows (and their
+      optimizer state) before rank 0 writes, and ``head.pth`` is gathered
+      the same way (``kdzoo.engine.sharded_heads``). Loading a ``(C, D)``
+      ``weight`` keeps this rank's rows, so a run resumes on any world
+      size; a ``(num_local, D)`` shard loads only where it fits exactly
+      (``state_dict()`` of one rank is its shard); any other shape is an
+      error naming both shapes.
     * **DDP.** The shards differ between ranks, so DistributedDataParallel
       must not average their gradients: ``ddp_ignore_params`` lists the
       parameter names (relative to the head) that the wrapper has to
@@ -199,6 +206,8 @@ class PartialFC(BaseMarginHead):
     """
 
     ddp_ignore_params = ('weight',)
+    # parameters split by rows (classes) over the ranks
+    row_sharded_params = ('weight',)
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0,
                  margin: str = 'arcface', m: float = 0.5,
@@ -215,6 +224,9 @@ class PartialFC(BaseMarginHead):
             rank < num_classes % world_size)
         class_start = num_classes // world_size * rank + min(
             rank, num_classes % world_size)
+        # one seed for the whole centre matrix, taken before anything else
+        # draws from the global RNG (see _init_shard)
+        seed = int(torch.randint(0, 2**62, (1, )))
         # the base head allocates only this rank's shard
         super().__init__(num_local, embedding_size, s=s, m=m, eps=eps,
                          init_std=init_std)
@@ -233,6 +245,30 @@ class PartialFC(BaseMarginHead):
                                          low=0, high=1, low_open=True)
         self.num_sample = max(1, int(self.sample_rate * num_local))
         self.last_index = None
+        self._init_shard(seed, init_std)
+
+    @torch.no_grad()
+    def _init_shard(self, seed: int, init_std: float) -> None:
+        """This rank's rows of one ``N(0, init_std²)`` ``(C, D)`` matrix.
+
+        Ranks are seeded alike, so drawing the shard directly would give
+        every rank the same centres for different classes. One seed is
+        taken from the global RNG (same on every rank) and the whole matrix
+        is drawn chunk by chunk from it, keeping only this rank's rows: the
+        centres are distinct and do not depend on the world size.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        dim, start, stop = (self.embedding_size, self.class_start,
+                            self.class_start + self.num_local)
+        chunk = max(1, 2**20 // dim)
+        for lo in range(0, stop, chunk):
+            # chunks fixed by C (randn's stream depends on the draw size)
+            rows = torch.randn(min(chunk, self.num_classes - lo), dim,
+                               generator=gen)
+            first, end = max(start, lo), min(stop, lo + rows.shape[0])
+            if first < end:
+                self.weight[first - start:end - start] = \
+                    rows[first - lo:end - lo] * init_std
 
     # ------------------------------------------------------------ helpers
     def _check_world(self) -> None:
@@ -279,6 +315,43 @@ class PartialFC(BaseMarginHead):
         score = torch.rand(self.num_local, device=target.device)
         score[positive] = 2.0
         return score.topk(self.num_sample).indices.sort().values
+
+    # ------------------------------------------------------------ shards
+    def rows_per_rank(self) -> List[int]:
+        """``num_local`` of every rank, in rank order."""
+        c, w = self.num_classes, self.world_size
+        return [c // w + int(r < c % w) for r in range(w)]
+
+    def gather_rows(self, shard: torch.Tensor) -> torch.Tensor:
+        """The ``(C, ...)`` whole of a row-sharded tensor (``weight`` or
+        its optimizer state); a collective: every rank must call it."""
+        self._check_world()
+        if self.world_size == 1:
+            return shard
+        return _gather_rows(shard.detach().contiguous(), self.rows_per_rank())
+
+    def local_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a ``(C, ...)`` tensor."""
+        return full[self.class_start:self.class_start + self.num_local]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + 'weight'
+        value = state_dict.get(key)
+        if isinstance(value, torch.Tensor) and \
+                tuple(value.shape) != tuple(self.weight.shape):
+            if value.dim() == 2 and value.shape[1] == self.embedding_size \
+                    and value.shape[0] == self.num_classes:
+                state_dict[key] = self.local_rows(value)
+            else:
+                raise ValueError(
+                    f'{key}: the checkpoint holds PartialFC centres of shape '
+                    f'{tuple(value.shape)}, but this head needs '
+                    f'({self.num_classes}, {self.embedding_size}) (all '
+                    f'classes) or its rank-{self.rank} shard '
+                    f'{tuple(self.weight.shape)}; set num_classes/'
+                    'embedding_size to match the checkpoint (a shard saved '
+                    'by one rank of another world size cannot be restored)')
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------ training
     def loss(self, emb: torch.Tensor,
