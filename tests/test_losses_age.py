@@ -9,7 +9,7 @@ import torch
 
 import kdzoo  # noqa: F401
 from kdzoo.losses.age import (AgeAdversarialLoss, AgeNormRegressionLoss,
-                              gradient_reversal)
+                              CrossAgeCompactnessLoss, gradient_reversal)
 from kdzoo.registry import LOSSES, MODELS
 from kdzoo.utils import ConfigError
 
@@ -231,6 +231,100 @@ def test_adversarial_validation():
     for kwargs, arg in bad:
         with pytest.raises(ConfigError, match=f'AgeAdversarialLoss: {arg}'):
             AgeAdversarialLoss(**kwargs)
+
+
+# ---------------------------------------------------------------- age gap
+def reference_cross_age(emb, labels, ages, scale, gamma):
+    """Double loop over pairs in float64 numpy."""
+    emb = np.asarray(emb, np.float64)
+    num = den = 0.0
+    for i in range(len(emb)):
+        for j in range(i + 1, len(emb)):
+            if labels[i] != labels[j] or not (ages[i] >= 0 and ages[j] >= 0):
+                continue
+            w = min(abs(float(ages[i]) - float(ages[j])) / scale, 1.0) ** gamma
+            cos = emb[i] @ emb[j] / np.linalg.norm(emb[i]) / \
+                np.linalg.norm(emb[j])
+            num += w * (1 - cos)
+            den += w
+    return num / den if den else 0.0
+
+
+def test_cross_age_hand_computed():
+    # identity 0: (1,0) age 20 and (0,1) age 40 -> cos 0, gap 20 -> w 0.5;
+    # identity 0 again: (1,1) age 80 -> with (1,0): cos 1/sqrt2, w 1 (gap 60
+    # capped); with (0,1): cos 1/sqrt2, w 1; identity 1 alone: no pair
+    emb = torch.tensor([[1.0, 0.0], [0.0, 3.0], [2.0, 2.0], [5.0, 1.0]])
+    labels = torch.tensor([0, 0, 0, 1])
+    ages = torch.tensor([20, 40, 80, 30])
+    c = 1 - 1 / math.sqrt(2)
+    want = (0.5 * 1 + 1 * c + 1 * c) / (0.5 + 1 + 1)
+    loss = CrossAgeCompactnessLoss(age_gap_scale=40.0)
+    assert loss(emb, labels, ages).item() == pytest.approx(want, rel=1e-6)
+    # gamma=0: every positive pair weighs 1
+    flat = CrossAgeCompactnessLoss(gamma=0.0)(emb, labels, ages)
+    assert flat.item() == pytest.approx((1 + 2 * c) / 3, rel=1e-6)
+    # an unknown age drops its pairs: only (0, 1) is left
+    assert loss(emb, labels, torch.tensor([20, 40, -1, 30])).item() == \
+        pytest.approx(1.0, rel=1e-6)
+
+
+def test_cross_age_matches_reference_and_weight():
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(12, 5, generator=g)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 3, 3, 2, 0])
+    ages = torch.tensor([5, 70, 33, 61, 12, 33, -1, 40, 22, 79, 8, 50])
+    for scale, gamma in [(40.0, 1.0), (10.0, 2.0), (100.0, 0.5)]:
+        want = reference_cross_age(emb, labels, ages, scale, gamma)
+        got = CrossAgeCompactnessLoss(scale, gamma, loss_weight=3.0)(
+            emb, labels, ages)
+        assert got.item() == pytest.approx(3.0 * want, rel=1e-5)
+
+
+def test_cross_age_gradient_pulls_positives_together():
+    emb = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 0, 1, 1, 2, 3])
+    ages = torch.tensor([10, 70, 20, 60, 30, 40])
+    loss = CrossAgeCompactnessLoss()
+    torch.autograd.gradcheck(lambda e: loss(e, labels, ages), (emb, ))
+    loss(emb, labels, ages).backward()
+    # rows without a positive pair get no gradient
+    assert emb.grad[4:].abs().max() == 0 and emb.grad[:4].abs().max() > 0
+    # a small step against the gradient lowers the loss
+    with torch.no_grad():
+        before = loss(emb, labels, ages)
+        after = loss(emb - 0.1 * emb.grad, labels, ages)
+    assert after < before
+
+
+def test_cross_age_without_pairs_is_zero_with_zero_gradient():
+    emb = torch.randn(3, 4, requires_grad=True)
+    out = CrossAgeCompactnessLoss()(emb, torch.tensor([0, 1, 2]),
+                                    torch.tensor([10, 20, 30]))
+    out.backward()
+    assert out.item() == 0 and emb.grad.abs().max() == 0
+    # same age: weight 0 with gamma > 0 -> no weighted pair either
+    out = CrossAgeCompactnessLoss()(emb, torch.tensor([0, 0, 1]),
+                                    torch.tensor([10, 10, 30]))
+    assert out.item() == 0
+
+
+def test_cross_age_validation():
+    for kwargs, arg in [(dict(age_gap_scale=0), 'age_gap_scale'),
+                        (dict(age_gap_scale=float('inf')), 'age_gap_scale'),
+                        (dict(gamma=-1), 'gamma'),
+                        (dict(loss_weight=-1), 'loss_weight')]:
+        with pytest.raises(ConfigError,
+                           match=f'CrossAgeCompactnessLoss: {arg}'):
+            CrossAgeCompactnessLoss(**kwargs)
+    loss = CrossAgeCompactnessLoss()
+    with pytest.raises(ValueError, match=r"labels has shape \(3,\).*"
+                       r"labels='data.label'"):
+        loss(torch.randn(4, 2), torch.zeros(3, dtype=torch.long),
+             torch.zeros(4))
+    with pytest.raises(ValueError, match=r"ages='data.age'"):
+        loss(torch.randn(4, 2), torch.zeros(4, dtype=torch.long),
+             torch.zeros(5))
 
 
 # ---------------------------------------------------------------- registry

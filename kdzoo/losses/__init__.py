@@ -8,7 +8,8 @@ cosine), ``relational`` (RKD, SP, CC, DarkRank), ``crd``, ``ekd``, ``ddl``,
 ``age`` (terms that train an age-invariant teacher: OE-CNN norm regression,
 adversarial age classifier).
 """
-from .age import AgeAdversarialLoss, AgeNormRegressionLoss
+from .age import (AgeAdversarialLoss, AgeNormRegressionLoss,
+                  CrossAgeCompactnessLoss)
 from .angular import AngularDistillationLoss
 from .attentive import AgeAttentionLoss, TeacherAttentionAngularLoss
 from .base import BaseDistillLoss
@@ -29,5 +30,6 @@ __all__ = [
     'DarkRankLoss', 'CRDLoss', 'EKDLoss', 'DDLLoss', 'TripletDistillationLoss',
     'MarginDistillationLoss', 'AdaDistillLoss', 'AgeAttentionLoss',
     'TeacherAttentionAngularLoss', 'AgeNormRegressionLoss',
+    'CrossAgeCompactnessLoss',
     'AgeAdversarialLoss'
 ]

@@ -324,3 +324,79 @@ class AgeAdversarialLoss(BaseDistillLoss):
                 f'{self.num_age_groups}, age_range={self.age_range}, '
                 f'grl_lambda={self.grl_lambda}, hidden={self.hidden}, '
                 + super().extra_repr())
+
+
+# ---------------------------------------------------------------- age gap
+@LOSSES.register_module()
+class CrossAgeCompactnessLoss(BaseDistillLoss):
+    """Pull images of one identity together, the more the larger their age gap.
+
+    The positive half of a contrastive loss on same-identity pairs, weighted
+    by the pair's age gap: Bianco, "Large Age-Gap Face Verification by
+    Feature Injection in Deep Networks", Pattern Recognition Letters 2017
+    (arXiv 1602.06149), fine-tunes an FR network with a contrastive loss on
+    large age-gap pairs; kdzoo keeps the identity loss (the margin head,
+    which handles negatives) and adds, per batch,
+
+    ``L = sum_{i<j, y_i=y_j} w_ij (1 - cos(x_i, x_j)) / sum w_ij``,
+    ``w_ij = min(|a_i - a_j| / age_gap_scale, 1) ** gamma``
+
+    over pairs whose two ages are known (unknown = < 0 or NaN). The weighting
+    (``age_gap_scale``, ``gamma``) is kdzoo's reading, not from the paper;
+    ``gamma=0`` weighs every positive pair equally (age labels unused).
+    A batch with no weighted positive pair gives 0 (with a gradient of 0),
+    so batch it with ``IdentityBalancedSampler`` (P identities x K images).
+
+    Args:
+        age_gap_scale: gap in years that gets the full weight (> 0).
+        gamma: exponent of the weight (>= 0).
+        loss_weight: multiplier on the returned loss.
+
+    Forward args: ``s_emb`` (B×D), ``labels`` (B identity labels, bind to
+    ``data.label``), ``ages`` (B years, bind to ``data.age``).
+    """
+
+    def __init__(self, age_gap_scale: float = 40.0, gamma: float = 1.0,
+                 loss_weight: float = 1.0):
+        super().__init__(loss_weight)
+        name = type(self).__name__
+        self.age_gap_scale = _finite_number(name, 'age_gap_scale',
+                                            age_gap_scale, 0, low_open=True,
+                                            what='years')
+        self.gamma = _finite_number(name, 'gamma', gamma, 0)
+
+    def check_shapes(self, shapes):
+        _check_emb_and_ages(shapes)
+        batch = int(shapes['s_emb'][0])
+        if tuple(shapes['labels']) != (batch, ):
+            raise ValueError(
+                f'labels has shape {tuple(shapes["labels"])} but s_emb has '
+                f'shape {tuple(shapes["s_emb"])}; labels must be ({batch},): '
+                "bind it to the data's identity label, labels='data.label'")
+
+    def pair_weights(self, labels: torch.Tensor, ages: torch.Tensor,
+                     known: torch.Tensor) -> torch.Tensor:
+        """(B, B) weights ``w_ij`` (0 on the diagonal and lower triangle,
+        across identities and where an age is unknown)."""
+        gap = (ages[:, None] - ages[None, :]).abs() / self.age_gap_scale
+        w = gap.clamp(max=1).pow(self.gamma)
+        valid = (labels[:, None] == labels[None, :]) & \
+            known[:, None] & known[None, :]
+        upper = torch.ones_like(valid).triu(diagonal=1)
+        return torch.where(valid & upper, w, torch.zeros_like(w))
+
+    def forward(self, s_emb: torch.Tensor, labels: torch.Tensor,
+                ages: torch.Tensor) -> torch.Tensor:
+        self.check_shapes(dict(s_emb=s_emb.shape, labels=labels.shape,
+                               ages=ages.shape))
+        ages, known = _known_ages(type(self).__name__, ages, s_emb.device)
+        w = self.pair_weights(labels.to(s_emb.device), ages, known)
+        x = F.normalize(s_emb.to(torch.promote_types(s_emb.dtype,
+                                                     torch.float32)), dim=1)
+        w = w.to(x.dtype)
+        loss = (w * (1 - x @ x.t())).sum() / w.sum().clamp_min(1e-12)
+        return self.loss_weight * loss
+
+    def extra_repr(self):
+        return (f'age_gap_scale={self.age_gap_scale}, gamma={self.gamma}, '
+                + super().extra_repr())
