@@ -126,3 +126,36 @@ def test_record_file_corruption_is_skipped(tmp_path):
     assert replaced['data_samples']['index'] == 5
     assert torch.equal(replaced['inputs'], ds[5]['inputs'])
     assert skipping.bad_item_count == 1
+
+
+def _count_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    from kdzoo.engine.runner import _bad_items
+    dist.init_process_group('gloo', init_method=f'file://{init_file}',
+                            rank=rank, world_size=world)
+    try:
+        loader = SimpleNamespace(
+            dataset=SimpleNamespace(bad_item_count=[2, 5][rank]))
+        count = _bad_items(SimpleNamespace(_train_dataloader=loader))
+        with open(os.path.join(out_dir, f'count{rank}'), 'w') as f:
+            f.write(str(count))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_results_count_bad_items_of_every_rank(tmp_path):
+    """results.json's bad_items_skipped is the sum over the ranks (2 gloo
+    processes that skipped 2 and 5 items both report 7)."""
+    import torch.multiprocessing as mp
+    from types import SimpleNamespace
+
+    from kdzoo.engine.runner import _bad_items
+    one = SimpleNamespace(dataset=SimpleNamespace(bad_item_count=3))
+    assert _bad_items(SimpleNamespace(_train_dataloader=one)) == 3
+    assert _bad_items(SimpleNamespace(_train_dataloader=dict())) == 0
+    mp.spawn(_count_worker, args=(2, str(tmp_path / 'init'), str(tmp_path)),
+             nprocs=2, join=True)
+    assert [(tmp_path / f'count{r}').read_text() for r in (0, 1)] == \
+        ['7', '7']

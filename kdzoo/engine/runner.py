@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 from mmengine.config import Config
-from mmengine.dist import broadcast, is_main_process
+from mmengine.dist import all_reduce, broadcast, is_main_process
 from mmengine.model import is_model_wrapper
 from mmengine.registry import MODEL_WRAPPERS
 from mmengine.runner import EpochBasedTrainLoop, Runner
@@ -222,11 +222,14 @@ def config_hash(cfg: Config) -> str:
 
 
 def _bad_items(runner) -> int:
-    """Training items skipped as unreadable (``on_bad_item='skip'``)."""
+    """Training items skipped as unreadable (``on_bad_item='skip'``),
+    summed over the ranks (a collective under DDP: every rank calls it)."""
     loader = getattr(runner, '_train_dataloader', None)
-    if loader is None or isinstance(loader, dict):  # not built: not trained
-        return 0
-    return int(getattr(loader.dataset, 'bad_item_count', 0))
+    built = loader is not None and not isinstance(loader, dict)
+    count = torch.tensor(
+        int(getattr(loader.dataset, 'bad_item_count', 0)) if built else 0)
+    all_reduce(count, op='sum')  # no-op in one process
+    return int(count)
 
 
 def _count_params(module) -> int:
