@@ -47,13 +47,18 @@ def test_rng_state_round_trip():
         expected
 
 
-def _options(cache_dir, by_epoch, name, hooks=None):
+def _options(cache_dir, by_epoch, name, hooks=None, workers=0):
     # tiny: 120 images, batch 32 -> 4 iterations per epoch; random flips on
     options = tiny(cache_dir, epochs=2, test=False, **{
         'randomness.deterministic': True,
         'default_hooks.checkpoint.by_epoch': by_epoch,
         'default_hooks.checkpoint.max_keep_ckpts': -1,
+        'train_dataloader.num_workers': workers,
         'experiment_name': name})
+    if workers:
+        # mmengine seeds each worker from (seed, rank, worker id) whenever
+        # workers start, i.e. every epoch unless they persist
+        options['train_dataloader.persistent_workers'] = False
     if hooks:
         options['custom_hooks'] = [{'type': 'RichProgressHook'},
                                    {'type': 'ExportStudentHook'}] + hooks
@@ -65,25 +70,30 @@ def _weights(work_dir):
                       weights_only=True)
 
 
-@pytest.mark.parametrize('by_epoch,at', [(False, 6), (True, 5)],
-                         ids=['mid_epoch', 'epoch_boundary'])
+@pytest.mark.parametrize('by_epoch,at,workers', [
+    (False, 6, 0), (True, 5, 0), (False, 4, 0), (False, 6, 2)], ids=[
+    'mid_epoch', 'epoch_boundary', 'iter_checkpoint_at_epoch_end',
+    'mid_epoch_2_workers'])
 def test_resume_with_flips_matches_uninterrupted_run(tmp_path, cache_dir,
-                                                     by_epoch, at):
+                                                     by_epoch, at, workers):
     straight = str(tmp_path / 'straight')
     resumed = str(tmp_path / 'resumed')
     assert main(['train', STUDENT, '--work-dir', straight, '--cfg-options']
-                + as_cli(_options(cache_dir, by_epoch, f'straight{at}'))) == 0
+                + as_cli(_options(cache_dir, by_epoch, f'straight{at}',
+                                  workers=workers))) == 0
     interrupted = _options(cache_dir, by_epoch, f'interrupted{at}',
-                           [{'type': 'InterruptAtIterTestHook', 'at': at}])
+                           [{'type': 'InterruptAtIterTestHook', 'at': at}],
+                           workers=workers)
     assert main(['train', STUDENT, '--work-dir', resumed, '--cfg-options']
                 + as_cli(interrupted)) == 130
-    saved = 'iter_6.pth' if not by_epoch else 'epoch_1.pth'
+    saved = f'iter_{at}.pth' if not by_epoch else 'epoch_1.pth'
     assert os.path.isfile(os.path.join(resumed, saved))
     assert not os.path.exists(os.path.join(resumed, 'backbone.pth'))
     time.sleep(1.02 - time.time() % 1)  # a new log folder (per second)
     assert main(['train', STUDENT, '--work-dir', resumed, '--resume',
                  '--cfg-options'] +
-                as_cli(_options(cache_dir, by_epoch, f'resumed{at}'))) == 0
+                as_cli(_options(cache_dir, by_epoch, f'resumed{at}',
+                                workers=workers))) == 0
     a, b = _weights(straight), _weights(resumed)
     assert list(a) == list(b)
     for key in a:
