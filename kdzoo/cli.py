@@ -50,20 +50,20 @@ def cmd_evaluate(args):
         raise ConfigError('evaluate needs --bin FILE (InsightFace .bin set, '
                           'repeatable) and/or --ijb ROOT (IJB-B/C folder '
                           'with meta/ and loose_crop/)')
+    from kdzoo.evaluation.pretrained import build_pretrained
     from kdzoo.utils import json_option
-    backbone = json_option('--backbone', args.backbone)
+    network = build_pretrained(args.model,
+                               json_option('--backbone', args.backbone))
     results = {}
-    if args.bin:
+    if args.bin:  # written at once: kept if IJB fails later
         results = evaluate_pretrained(
-            args.model, args.bin, backbone_cfg=backbone,
-            flip=not args.no_flip, out=None if args.ijb else args.out,
-            batch_size=args.batch_size, mean=args.mean, std=args.std)
+            args.model, args.bin, flip=not args.no_flip, out=args.out,
+            batch_size=args.batch_size, mean=args.mean, std=args.std,
+            network=network)
     if args.ijb:
         from kdzoo.evaluation.ijb import evaluate_ijb
-        from kdzoo.evaluation.pretrained import build_pretrained
         results[args.ijb_target] = evaluate_ijb(
-            build_pretrained(args.model, backbone), args.ijb,
-            args.ijb_target, flip=not args.no_flip,
+            network, args.ijb, args.ijb_target, flip=not args.no_flip,
             use_detector_score=not args.no_detector_score,
             batch_size=args.batch_size, out=args.out, mean=args.mean,
             std=args.std, num_workers=args.workers)

@@ -395,6 +395,15 @@ def test_read_ijb_meta_errors_name_file_and_line(ijb):
     check(pairs, 6, '1 4.5 0', str(pairs), 'line 6')
     check(pairs, 2, '1 999 0', str(pairs), 'line 2', 'template 999')
 
+    # only genuine pairs: refused here, before any image is embedded
+    only = [' '.join(line.split()[:2]) + ' 1'
+            for line in originals[pairs].splitlines() if line.strip()]
+    pairs.write_text('\n'.join(only) + '\n')
+    with pytest.raises(DataError, match=r'needs both genuine \(1\) and '
+                       rf'impostor \(0\) pairs, got {len(only)} genuine'):
+        read_ijb_meta(str(root), 'ijbc')
+    pairs.write_text(originals[pairs])
+
     # a shorter landmark file
     pts.write_text(''.join(originals[pts].splitlines(True)[:-1]))
     with pytest.raises(DataError, match='lists .* images but'):
@@ -548,4 +557,11 @@ def test_cli_evaluate_ijb(ijb, tmp_path, capsys):
                  json.dumps(backbone), '--ijb', str(root)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and 'Traceback' not in err
+    # with --bin too, the .bin results are written before IJB fails
+    kept = tmp_path / 'kept.json'
+    assert main(['evaluate', '--model', model, '--backbone',
+                 json.dumps(backbone), '--bin', str(bin_path), '--ijb',
+                 str(root), '--out', str(kept)]) == 2
+    assert 'template_pair_label.txt, line 1' in capsys.readouterr().err
+    assert json.loads(kept.read_text()) == dict(rand=combined['rand'])
     assert 'ijbc_template_pair_label.txt, line 1' in err

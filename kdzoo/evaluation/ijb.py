@@ -189,8 +189,8 @@ def read_ijb_meta(root: str, target: str = 'ijbc') -> IJBMeta:
     """Parse and cross-check the three meta files of an IJB target.
 
     Raises :class:`DataError` naming the file and line for a missing file,
-    a malformed line, image lists that disagree, or a pair whose template
-    has no image.
+    a malformed line, image lists that disagree, a pair whose template
+    has no image, or a pair list without both genuine and impostor pairs.
     """
     paths = ijb_meta_paths(root, target)
     names, templates, medias, tid_lines = _read_tid_mid(paths['tid_mid'])
@@ -219,6 +219,11 @@ def read_ijb_meta(root: str, target: str = 'ijbc') -> IJBMeta:
             f'{paths["pairs"]}, line {pair_lines[i]}: template {rows[i, j]} '
             f'has no image in {paths["tid_mid"]} ({int(missing.any(1).sum())}'
             ' pairs affected)')
+    n_pos = int(rows[:, 2].sum())
+    if n_pos in (0, len(rows)):  # checked before hours of embedding
+        raise DataError(f'{paths["pairs"]}: needs both genuine (1) and '
+                        f'impostor (0) pairs, got {n_pos} genuine of '
+                        f'{len(rows)}')
     return IJBMeta(names, landmarks, faceness, templates, medias,
                    rows[:, :2].copy(), rows[:, 2].astype(bool),
                    paths['landmarks'], np.array(lmk_lines))
@@ -505,10 +510,6 @@ def evaluate_ijb(model_or_embed_fn: Union[torch.nn.Module, Callable],
     ids, tfeats = template_features(feats, meta.templates, meta.medias)
     scores = pair_scores(ids, tfeats, meta.pairs)
     n_pos = int(meta.labels.sum())
-    if n_pos in (0, len(meta.labels)):
-        raise DataError(f'{ijb_meta_paths(root, target)["pairs"]}: needs both '
-                        f'genuine (1) and impostor (0) pairs, got {n_pos} '
-                        f'genuine of {len(meta.labels)}')
     entry = dict(
         tar_at_far=ijb_tar_table(scores, meta.labels, fars),
         roc_auc=roc_auc(scores, meta.labels),

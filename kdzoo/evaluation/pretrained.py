@@ -76,15 +76,18 @@ def evaluate_pretrained(model: str, bins: Sequence[str],
                         backbone_cfg: Optional[dict] = None,
                         flip: bool = True, out: Optional[str] = None,
                         batch_size: int = 128, mean: float = 127.5,
-                        std: float = 128.0) -> dict:
+                        std: float = 128.0, network=None) -> dict:
     """Evaluate on each ``.bin``; print a table; optionally write JSON.
+
+    ``network``: the model already built from ``model`` (else built here).
 
     JSON layout: ``{<bin stem>: {"accuracy": %, "accuracy_std": %,
     "threshold": ..., "roc_auc": ..., "tar_at_far": {"1e-3": ...}}}``.
     """
     from kdzoo.datasets import InsightFaceBinDataset
     from .metrics import FaceVerificationMetric
-    network = build_pretrained(model, backbone_cfg)
+    if network is None:
+        network = build_pretrained(model, backbone_cfg)
     results = {}
     for path in bins:
         dataset = InsightFaceBinDataset(ann_file=path)
