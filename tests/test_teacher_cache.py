@@ -263,3 +263,68 @@ def test_cache_refuses_augmenting_pipelines(tmp_path, cache_dir):
     dataset.pipeline.transforms.insert(0, RandomCrop())
     with pytest.raises(ConfigError, match=r"\['RandomCrop'\].*allows only"):
         _check_dataset(dataset)
+
+
+def test_file_datasets_are_keyed_by_file_metadata_without_decoding(
+        tmp_path, monkeypatch):
+    """ImageFolderFaces and RecordIODataset: same files -> same key with
+    no image decoded; a rewritten image, a changed decode size or another
+    item order -> another key."""
+    from PIL import Image
+
+    from kdzoo.datasets import image_folder, recordio
+    from kdzoo.datasets.pack import pack_image_folder
+    from kdzoo.engine.teacher_cache_hook import dataset_identity
+    from kdzoo.registry import DATASETS
+    rng = np.random.default_rng(0)
+    root = tmp_path / 'faces'
+    for i in range(3):
+        (root / f'id{i}').mkdir(parents=True)
+        for j in range(2):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+                            ).save(root / f'id{i}' / f'{j}.png')
+    pack_image_folder(str(root), str(tmp_path / 'train.rec'),
+                      str(tmp_path / 'train.idx'))
+
+    def folder(**kw):
+        return DATASETS.build(dict(type='ImageFolderFaces',
+                                   data_root=str(root), **kw))
+
+    def rec(**kw):
+        return DATASETS.build(dict(type='RecordIODataset',
+                                   path_imgrec=str(tmp_path / 'train.rec'),
+                                   **kw))
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError('an image was decoded')
+
+    for build in (folder, rec):
+        with monkeypatch.context() as m:
+            for module in (image_folder, recordio):
+                m.setattr(module, 'decode_image', no_decode)
+            key, count = dataset_identity(build(), None)
+            assert count == 6 and key.startswith('fingerprint:')
+            assert dataset_identity(build(), None)[0] == key
+            assert dataset_identity(build(image_size=4), None)[0] != key
+    # rewriting one image (new mtime) changes the folder's key
+    key = dataset_identity(folder(), None)[0]
+    path = root / 'id1' / '0.png'
+    os.utime(path, ns=(1, 1))
+    assert dataset_identity(folder(), None)[0] != key
+    # rewriting the .rec changes the RecordIO key
+    key = dataset_identity(rec(), None)[0]
+    os.utime(tmp_path / 'train.rec', ns=(1, 1))
+    assert dataset_identity(rec(), None)[0] != key
+
+
+def test_synthface_key_follows_generation_parameters(cache_dir):
+    from kdzoo.engine.teacher_cache_hook import dataset_identity
+    from kdzoo.registry import DATASETS
+
+    def synth(**kw):
+        return DATASETS.build(dict(type='SynthFaceAge', num_identities=3,
+                                   images_per_identity=2, image_size=16,
+                                   cache_dir=cache_dir, **kw))
+    key = dataset_identity(synth(), None)[0]
+    assert dataset_identity(synth(), None)[0] == key
+    assert dataset_identity(synth(seed=1), None)[0] != key

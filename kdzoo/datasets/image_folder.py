@@ -13,6 +13,7 @@ from mmengine.dataset import BaseDataset
 from kdzoo.datasets.bin_dataset import decode_image
 from kdzoo.datasets.bad_items import SkipBadItemsMixin
 from kdzoo.datasets.dataset_args import build_pipeline, parse_image_size
+from kdzoo.datasets.fingerprint import files_fingerprint
 from kdzoo.registry import DATASETS
 from kdzoo.utils.errors import ConfigError, DataError
 
@@ -146,6 +147,14 @@ class ImageFolderFaces(SkipBadItemsMixin, BaseDataset):
                               num_classes=len(scan.classes))
         return [dict(img_path=p, label=lab, age=-1)
                 for p, lab in scan.samples]
+
+    def content_fingerprint(self) -> str:
+        """Identity of the images without decoding them (teacher cache key;
+        ``kdzoo.datasets.fingerprint``)."""
+        return files_fingerprint(
+            type(self).__name__, dict(image_size=self.image_size),
+            ((info['img_path'], info['label']) for info in (
+                BaseDataset.get_data_info(self, i) for i in range(len(self)))))
 
     def get_data_info(self, idx: int) -> dict:
         info = super().get_data_info(idx)

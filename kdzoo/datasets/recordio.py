@@ -36,6 +36,7 @@ from mmengine.dataset import BaseDataset
 from kdzoo.datasets.bin_dataset import decode_image
 from kdzoo.datasets.bad_items import SkipBadItemsMixin
 from kdzoo.datasets.dataset_args import build_pipeline, parse_image_size
+from kdzoo.datasets.fingerprint import files_fingerprint
 from kdzoo.registry import DATASETS
 from kdzoo.utils.errors import ConfigError, DataError
 
@@ -409,6 +410,20 @@ class RecordIODataset(SkipBadItemsMixin, BaseDataset):
                               num_identities=int(np.unique(labels).size))
         return [dict(key=int(k), offset=int(o), label=int(lab), age=-1)
                 for k, o, lab in zip(layout.image_keys, offsets, labels)]
+
+    def content_fingerprint(self) -> str:
+        """Identity of the images without decoding them (teacher cache key;
+        ``kdzoo.datasets.fingerprint``): the .rec and .idx files' size and
+        mtime, every record's key, offset and label, the decode size."""
+        if not self._fully_initialized:
+            self.full_init()
+        items = [(self.path_imgidx, '')]
+        for i in range(len(self)):
+            info = BaseDataset.get_data_info(self, i)
+            items.append((self.path_imgrec, f'{info["key"]}|'
+                          f'{info["offset"]}|{info["label"]}'))
+        return files_fingerprint(type(self).__name__,
+                                 dict(image_size=self.image_size), items)
 
     def get_data_info(self, idx: int) -> dict:
         info = super().get_data_info(idx)

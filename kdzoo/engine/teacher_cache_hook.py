@@ -52,8 +52,7 @@ class TeacherCacheHook(Hook):
         cache_dir = cfg.get('cache_dir') or default_teacher_cache_dir()
         pack_only = Compose([t for t in dataset.pipeline.transforms
                              if type(t).__name__ == 'PackFaceInputs'])
-        data_sum, count = dataset_checksum(
-            _images(dataset, pack_only))
+        data_sum, count = dataset_identity(dataset, pack_only)
         device = next(model.student.parameters()).device
         for name in cfg['teachers']:
             teacher = model.teachers[name]
@@ -111,6 +110,16 @@ def _check_dataset(dataset) -> None:
         raise ConfigError('model.teacher_cache: the training pipeline must '
                           'end with PackFaceInputs (it records each '
                           "sample's index and flip)")
+
+
+def dataset_identity(dataset, pipeline):
+    """``(key, count)``: the dataset's ``content_fingerprint()`` where it
+    has one (file sizes and mtimes, generation parameters: no decoding),
+    else the SHA-256 of every decoded image."""
+    fingerprint = getattr(dataset, 'content_fingerprint', None)
+    if callable(fingerprint):
+        return f'fingerprint:{fingerprint()}', len(dataset)
+    return dataset_checksum(_images(dataset, pipeline))
 
 
 def _packed(dataset, pipeline, index):

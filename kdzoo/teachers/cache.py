@@ -7,7 +7,9 @@ once per image and flip, not once per step: ``build_teacher_cache`` embeds
 the whole training set (image and mirror) and stores a memory-mapped
 ``(N, 2, D)`` array; training then reads rows by ``(index, flip)``.
 
-The file name is a SHA-256 of the dataset's pixels (in dataset order), the
+The file name is a SHA-256 of the dataset's content (its
+``content_fingerprint()``: source files' sizes and mtimes, or SynthFaceAge's
+generation parameters; else every decoded image, in dataset order), the
 teacher's weights, class, input normalisation and size, the batch
 normalisation the student uses, and the batch size the embeddings were
 computed at. Batches are always full (the last one is padded): on CPU and

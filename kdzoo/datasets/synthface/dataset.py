@@ -296,6 +296,12 @@ class SynthFaceAge(BaseDataset):
         blob = json.dumps(self.generation_params(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
+    def content_fingerprint(self) -> str:
+        """Identity of the images without rendering them (teacher cache
+        key): they are a pure function of :meth:`generation_params`."""
+        return hashlib.sha256(
+            f'SynthFaceAge|{self.cache_key()}'.encode()).hexdigest()
+
     def cache_paths(self):
         """(images .npy, metadata .npz) paths, or None without a cache."""
         if self.cache_dir is None:
