@@ -152,7 +152,12 @@ def test_newest_complete_checkpoint_and_default_output(run, tmp_path,
     with open(os.path.join(work, 'epoch_3.pth'), 'wb') as f:
         f.write(b'truncated')  # a checkpoint cut off mid-write: skipped
 
+    pointer = os.path.join(work, 'last_checkpoint')
+    with open(pointer, 'w') as f:
+        f.write(os.path.join(work, 'epoch_3.pth'))
     assert main(['export', work, '--format', 'pth']) == 0
+    with open(pointer) as f:  # export reads the run dir, never edits it
+        assert f.read() == os.path.join(work, 'epoch_3.pth')
     out = os.path.join(work, 'export', 'student_epoch_2.pth')
     assert f'exported: {out}' in capsys.readouterr().out
     exported = torch.load(out, weights_only=True)

@@ -88,12 +88,15 @@ def _loadable(path: str) -> bool:
         return False
 
 
-def find_resume_checkpoint(work_dir: str) -> Optional[str]:
+def find_resume_checkpoint(work_dir: str,
+                           repair_pointer: bool = True) -> Optional[str]:
     """The newest complete checkpoint in ``work_dir``, or ``None``.
 
     ``last_checkpoint`` is trusted only if the file it names loads; otherwise
     ``epoch_*.pth``/``iter_*.pth`` are tried newest first, so a run killed
     while writing resumes from the last checkpoint that was fully written.
+    With ``repair_pointer`` (resume), ``last_checkpoint`` is then rewritten
+    to name that file; readers (``kdzoo export``) leave the run dir as is.
     """
     pointer = os.path.join(work_dir, 'last_checkpoint')
     if os.path.isfile(pointer):
@@ -108,6 +111,7 @@ def find_resume_checkpoint(work_dir: str) -> Optional[str]:
             candidates.append((int(m.group(1)), path))
     for _, path in sorted(candidates, reverse=True):
         if _loadable(path):
-            atomic_write_text(pointer, path)
+            if repair_pointer:
+                atomic_write_text(pointer, path)
             return path
     return None

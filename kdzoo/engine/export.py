@@ -75,7 +75,7 @@ def find_run_config(run_dir: str) -> str:
 def find_run_checkpoint(run_dir: str) -> str:
     """The newest complete ``epoch_*``/``iter_*.pth`` (as resuming picks
     it), else the final ``backbone.pth``."""
-    path = find_resume_checkpoint(run_dir)
+    path = find_resume_checkpoint(run_dir, repair_pointer=False)
     if path is None and os.path.isfile(os.path.join(run_dir,
                                                     FINAL_BACKBONE)):
         path = os.path.join(run_dir, FINAL_BACKBONE)
