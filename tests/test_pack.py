@@ -115,6 +115,10 @@ def test_encode_face_image(tmp_path):
     bad.write_bytes(b'\x89PNG broken')
     with pytest.raises(DataError, match=r'bad\.png: cannot be decoded'):
         encode_face_image(str(bad))
+    # a missing file says so, not "cannot be decoded"
+    with pytest.raises(DataError, match=r'gone\.png: cannot be read \(No '
+                       r'such file'):
+        encode_face_image(str(tmp_path / 'gone.png'))
 
 
 def test_cli_pack_rec_round_trip(tmp_path, capsys):

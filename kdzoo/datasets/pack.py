@@ -142,6 +142,9 @@ def encode_face_image(path: str, image_size: Optional[Tuple[int, int]] = None,
     try:
         with open(path, 'rb') as f:
             data = f.read()
+    except OSError as e:
+        raise DataError(f'{path}: cannot be read ({e.strerror})') from None
+    try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             keep = (im.format == 'JPEG' and im.mode in ('RGB', 'L') and
