@@ -68,8 +68,9 @@ def test_cli_runs_every_setting_and_writes_the_json(tmp_path, capsys):
         assert RESULT_KEYS <= set(r), r['setting']
         assert r['images_per_s'] > 0 and r['ms_per_step_mean'] > 0
         assert np.isfinite(r['final_loss'])
+        # images/s is rounded to 0.01 (which matters on a slow machine)
         assert r['images_per_s'] == pytest.approx(
-            4 / (r['ms_per_step_mean'] / 1e3), rel=1e-3)
+            4 / (r['ms_per_step_mean'] / 1e3), rel=1e-3, abs=0.006)
         assert ('cache_build_s' in r) == (r['setting'] ==
                                           'two_teachers_cached')
     alone = record['results'][0]

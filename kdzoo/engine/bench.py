@@ -51,7 +51,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -68,7 +67,7 @@ from torch import nn
 from kdzoo.registry import BACKBONES, MODELS
 from kdzoo.utils import (ConfigError, atomic_torch_save, atomic_write_json,
                          did_you_mean, json_option)
-from kdzoo.version import __version__
+from kdzoo.utils.environment import cpu_description, software_versions
 from .flops import count_forward_flops
 
 __all__ = ['SETTINGS', 'PRESETS', 'BenchConfig', 'make_config',
@@ -763,7 +762,7 @@ class BenchSession:
         return dict(
             benchmark='kdzoo bench (training speed)',
             machine=_machine(self.device),
-            versions=_versions(),
+            versions=software_versions(),
             config=_config_record(cfg),
             method=dict(
                 statistic='images/s = batch / mean step time over the timed '
@@ -826,16 +825,9 @@ def _machine(device: torch.device) -> dict:
     return dict(
         device=(torch.cuda.get_device_name(device)
                 if device.type == 'cuda' else 'cpu'),
-        cpu=platform.processor() or platform.machine(),
+        cpu=cpu_description(),
         cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
         omp_num_threads=os.environ.get('OMP_NUM_THREADS'))
-
-
-def _versions() -> dict:
-    import mmengine
-    return dict(torch=torch.__version__, mmengine=mmengine.__version__,
-                kdzoo=__version__, python=platform.python_version(),
-                cuda=torch.version.cuda)
 
 
 def run_bench(cfg: BenchConfig, out: Optional[str] = None) -> dict:

@@ -4,7 +4,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import time
 from typing import Optional
 
@@ -16,7 +15,7 @@ from mmengine.registry import MODEL_WRAPPERS
 from mmengine.runner import EpochBasedTrainLoop, Runner
 
 from kdzoo.utils import ConfigError, atomic_write_json, load_module_weights
-from kdzoo.version import __version__
+from kdzoo.utils.environment import cpu_description, software_versions
 from .checkpoint import find_resume_checkpoint, runner_checkpoint_policy
 from .exact_resume import ResumableEpochBasedTrainLoop, RngStateHook
 from .sharded_heads import (ShardedHeadCheckpointHook, gather_sharded_state,
@@ -238,12 +237,8 @@ def _count_params(module) -> int:
 
 def _environment() -> dict:
     device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-              else f'cpu ({platform.processor() or platform.machine()}, '
-              f'{os.cpu_count()} cores)')
-    import mmengine
-    return dict(device=device, torch=torch.__version__,
-                mmengine=mmengine.__version__, kdzoo=__version__,
-                python=platform.python_version())
+              else f'cpu ({cpu_description()}, {os.cpu_count()} cores)')
+    return dict(device=device, **software_versions())
 
 
 def train_recipe(cfg: Config, resume: bool = False,
