@@ -108,11 +108,14 @@ def build(cfg, state):
     return model
 
 
-def train_step(model, batch):
-    """One mmengine training step; returns (log_vars, {name: gradient})."""
+def train_step(model, batch, clip=None):
+    """One mmengine training step; returns (log_vars, {name: gradient})
+    (gradients as the optimizer sees them: averaged, clipped to ``clip``)."""
     module = getattr(model, 'module', model)
-    optim = TrainableOptimWrapperConstructor(
-        dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.1)))(module)
+    wrapper = dict(type='OptimWrapper', optimizer=dict(type='SGD', lr=0.1))
+    if clip is not None:
+        wrapper['clip_grad'] = dict(max_norm=clip)
+    optim = TrainableOptimWrapperConstructor(wrapper)(module)
     names = {id(p): n for n, p in module.named_parameters()}
     grads = {}
 
@@ -124,8 +127,12 @@ def train_step(model, batch):
 
     optim.optimizer.register_step_pre_hook(snapshot)
     log_vars = model.train_step(batch, optim)
-    return {k: float(torch.as_tensor(v).detach())
-            for k, v in log_vars.items()}, grads
+    log_vars = {k: float(torch.as_tensor(v).detach())
+                for k, v in log_vars.items()}
+    if clip is not None:  # the norm the clipping used
+        log_vars['grad_norm'] = float(optim.message_hub.get_scalar(
+            'train/grad_norm').current())
+    return log_vars, grads
 
 
 def make_batch(lo=0, hi=len(LABELS)):
@@ -154,7 +161,8 @@ def _worker(rank, world, init_file, spec_path, out_dir):
                 module=model, device_ids=None, broadcast_buffers=False,
                 find_unused_parameters=False)
             log_vars, grads = train_step(
-                ddp, make_batch(CUTS[rank], CUTS[rank + 1]))
+                ddp, make_batch(CUTS[rank], CUTS[rank + 1]),
+                clip=CLIP.get(name))
             head = model.student.head
             results[name] = dict(
                 log_vars=log_vars, grads=grads,
@@ -170,8 +178,11 @@ def _worker(rank, world, init_file, spec_path, out_dir):
 CASES = dict(
     cosface_angular=(COSFACE, dict(loss_ang=ANGULAR)),
     partial_fc_angular=(PARTIAL_FC, dict(loss_ang=ANGULAR)),
+    partial_fc_clipped=(PARTIAL_FC, {}),  # CosFace loss only
     ekd_alone=(None, dict(loss_ekd=EKD)),  # no head: EKD's gradient only
 )
+# gradient-norm clipping small enough to act (the total norm is ~1e1)
+CLIP = dict(partial_fc_clipped=0.05)
 
 
 @pytest.fixture(scope='module')
@@ -189,7 +200,7 @@ def runs(tmp_path_factory):
         state = FaceDistiller(**ref_cfg).state_dict()
         spec[name] = dict(cfg=model_cfg(teacher, head, losses), state=state)
         ref = build(ref_cfg, state)
-        log_vars, grads = train_step(ref, make_batch())
+        log_vars, grads = train_step(ref, make_batch(), clip=CLIP.get(name))
         reference[name] = dict(
             log_vars=log_vars, grads=grads,
             buffers={k: v.clone() for k, v in ref.named_buffers()
@@ -248,6 +259,19 @@ def test_partial_fc_sample_rate_1_matches_full_softmax(runs):
     torch.testing.assert_close(
         torch.cat([r['grads']['student.head.weight'] for r in ranks]),
         ref['grads']['student.head.weight'], rtol=1e-5, atol=1e-8)
+
+
+def test_partial_fc_clipping_uses_the_norm_over_all_shards(runs):
+    """Clipped by the norm of the whole model (each rank's shard counted
+    once): every rank's gradients equal the clipped single-process ones,
+    so the replicas stay identical."""
+    ref, ranks = runs['partial_fc_clipped']
+    norm = ref['log_vars']['grad_norm']
+    assert norm > 100 * CLIP['partial_fc_clipped']  # the clipping acts
+    for r in ranks:
+        # one rank's own norm would miss the other shard: off by >= 3e-6
+        assert r['log_vars']['grad_norm'] == pytest.approx(norm, rel=1e-6)
+        assert_grads_match(ref['grads'], r['grads'], shard=r['shard'])
 
 
 def test_partial_fc_single_process_equals_cosface(runs):
@@ -392,3 +416,15 @@ def test_torchrun_partial_fc_checkpoint_holds_all_centres_and_resumes(
                                    atol=0, msg=lambda m: f'{name}: {m}')
     torch.testing.assert_close(_momentum_of(again, key),
                                _momentum_of(last, key), rtol=0, atol=0)
+    # the same epoch-1 checkpoint resumes in one process (world size 1)
+    from kdzoo.cli import main
+    single = tmp_path / 'single'
+    single.mkdir()
+    (single / 'epoch_1.pth').write_bytes((full / 'epoch_1.pth').read_bytes())
+    one = {k: v for k, v in options.items() if k != 'env_cfg.dist_cfg.backend'}
+    assert main(['train', STUDENT_RECIPE, '--work-dir', str(single),
+                 '--resume', '--cfg-options'] + as_cli(one)) == 0
+    alone = _load(single / 'epoch_2.pth')
+    assert alone['meta']['epoch'] == 2
+    assert alone['state_dict'][key].shape == (classes, 64)
+    assert _momentum_of(alone, key).shape == (classes, 64)

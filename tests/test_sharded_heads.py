@@ -37,12 +37,23 @@ def test_whole_matrix_loads_as_this_ranks_rows(monkeypatch):
 
 
 @pytest.mark.parametrize('shape', [(4, 4), (8, 4), (7, 5)])
-def test_foreign_shapes_are_refused_with_both_shapes(monkeypatch, shape):
+def test_foreign_shapes_are_a_size_mismatch_naming_both_shapes(monkeypatch,
+                                                              shape):
     head = head_of_rank(monkeypatch, 1, 2)  # shard (3, 4) of (7, 4)
-    with pytest.raises(ValueError, match=r'weight: the checkpoint holds '
-                       r'PartialFC centres of shape \(%d, %d\).*needs \(7, '
-                       r'4\).*rank-1 shard \(3, 4\)' % shape):
+    message = (r'weight: the checkpoint holds PartialFC centres of shape '
+               r'\(%d, %d\).*needs \(7, 4\).*rank-1 shard \(3, 4\)' % shape)
+    with pytest.raises(RuntimeError, match=message):  # torch: an error
         head.load_state_dict({'weight': torch.zeros(shape)})
+    # mmengine's non-strict load (load_from): a warning, weights untouched
+    from mmengine.runner import checkpoint
+    before = head.weight.detach().clone()
+    logged = []
+    monkeypatch.setattr(checkpoint, 'print_log',
+                        lambda msg, **kwargs: logged.append(msg))
+    checkpoint.load_state_dict(head, {'weight': torch.zeros(shape)},
+                               strict=False)
+    assert torch.equal(head.weight.detach(), before)
+    assert any('PartialFC centres of shape' in m for m in logged)
 
 
 def test_single_process_has_no_sharded_params(monkeypatch):
@@ -98,3 +109,43 @@ def test_shards_are_rows_of_one_matrix_whatever_the_world_size(monkeypatch,
         assert torch.equal(torch.cat(shards), whole)
     assert not torch.equal(whole[:4], whole[4:8])
     assert whole.std().item() == pytest.approx(0.01, rel=0.5)
+
+
+def test_building_a_shard_keeps_the_ranks_rngs_in_step(monkeypatch):
+    """Shards differ in size; the global RNG must still advance alike on
+    every rank (a later module's init would otherwise differ per rank)."""
+    after = []
+    for rank in range(2):
+        torch.manual_seed(3)
+        head_of_rank(monkeypatch, rank, 2, num_classes=21, dim=64)
+        after.append(torch.randint(0, 2**30, (4, )))
+    assert torch.equal(after[0], after[1])
+
+
+def test_ema_and_per_rank_clipping_wrappers_are_refused(monkeypatch):
+    from mmengine.hooks import EMAHook
+    from mmengine.optim import OptimWrapper
+
+    from kdzoo.engine.numerics import GuardedOptimWrapper
+    from kdzoo.engine.sharded_heads import check_sharded_training
+    from kdzoo.utils import ConfigError
+    head = head_of_rank(monkeypatch, 0, 2)
+    model = torch.nn.ModuleDict(dict(head=head))
+    sgd = torch.optim.SGD([head.weight], lr=0.1)
+
+    def runner(hooks=(), wrapper=None):
+        return SimpleNamespace(model=model, hooks=list(hooks),
+                               optim_wrapper=wrapper)
+    check_sharded_training(runner(wrapper=GuardedOptimWrapper(
+        sgd, clip_grad=dict(max_norm=5.0))))  # kdzoo's wrapper: fine
+    check_sharded_training(runner(wrapper=OptimWrapper(sgd)))  # no clip
+    with pytest.raises(ConfigError, match='EMAHook.*head.weight'):
+        check_sharded_training(runner([EMAHook()], OptimWrapper(sgd)))
+    with pytest.raises(ConfigError, match="optim_wrapper.type: OptimWrapper "
+                       "clips with each rank's own gradient norm"):
+        check_sharded_training(runner(wrapper=OptimWrapper(
+            sgd, clip_grad=dict(max_norm=5.0))))
+    # one process: nothing sharded, nothing refused
+    single = torch.nn.ModuleDict(dict(head=head_of_rank(monkeypatch, 0, 1)))
+    check_sharded_training(SimpleNamespace(
+        model=single, hooks=[EMAHook()], optim_wrapper=None))

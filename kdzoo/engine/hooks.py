@@ -105,11 +105,13 @@ class ExportStudentHook(Hook):
 
     def after_train(self, runner):
         student = _unwrap(runner.model).student
-        # every rank: PartialFC's centres are gathered whole (a collective)
+        # every rank: sharded parameters (PartialFC's centres) are gathered
+        # whole to rank 0 (a collective)
+        backbone = full_state_dict(student.backbone)
         head = None if student.head is None else full_state_dict(student.head)
         if not is_main_process():
             return
-        atomic_torch_save(full_state_dict(student.backbone),
+        atomic_torch_save(backbone,
                           os.path.join(runner.work_dir, 'backbone.pth'))
         if head is not None:
             atomic_torch_save(head, os.path.join(runner.work_dir, 'head.pth'))

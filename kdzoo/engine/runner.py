@@ -112,13 +112,25 @@ class KdzooRunner(Runner):
                 broadcast(value)
 
     def save_checkpoint(self, *args, **kwargs):
-        # every rank gathers the PartialFC centre shards (a collective)
-        # before mmengine's rank-0-only save writes them whole
-        self.gathered_shards = gather_sharded_state(self)
+        # every rank takes part in gathering the PartialFC centre shards to
+        # rank 0 (a collective) before mmengine's rank-0-only save
+        save_optimizer = kwargs.get('save_optimizer',
+                                    args[3] if len(args) > 3 else True)
+        self.gathered_shards = gather_sharded_state(
+            self, with_optimizer=save_optimizer)
         try:
             super().save_checkpoint(*args, **kwargs)
         finally:
             self.gathered_shards = None
+
+    def resume(self, filename, resume_optimizer=True,
+               resume_param_scheduler=True, map_location='default'):
+        # a checkpoint with whole PartialFC matrices goes to the CPU first
+        # and each rank keeps its rows, instead of all of it on every GPU
+        if map_location == 'default' and sharded_params(self.model):
+            map_location = 'cpu'
+        return super().resume(filename, resume_optimizer,
+                              resume_param_scheduler, map_location)
 
     def load_checkpoint(self, filename, map_location='cpu', strict=False,
                         revise_keys=[(r'^module.', '')]):

@@ -5,8 +5,9 @@ writes checkpoints from rank 0 alone (``Runner.save_checkpoint`` is
 ``master_only``), so a plain checkpoint would hold rank 0's rows and lose
 the others'. kdzoo therefore
 
-- gathers, on every rank, each sharded parameter and the optimizer state
-  that has its shape (SGD momentum, Adam moments) *before* rank 0 writes
+- gathers to rank 0 (no other rank holds the whole matrix) each sharded
+  parameter and the optimizer state that has its shape (SGD momentum, Adam
+  moments), on every rank, *before* rank 0 writes
   (``KdzooRunner.save_checkpoint`` calls :func:`gather_sharded_state`; the
   gather is a collective, which is why it cannot run inside the
   rank-0-only ``before_save_checkpoint``);
@@ -16,24 +17,28 @@ the others'. kdzoo therefore
 - on load, each rank keeps its own rows: PartialFC's
   ``_load_from_state_dict`` slices the weight, and
   ``after_load_checkpoint`` slices the optimizer state, so a run resumes
-  on any world size.
+  on another world size at an epoch boundary (``KdzooRunner.resume`` maps
+  such checkpoints to the CPU first, not each GPU);
+- refuses ``EMAHook`` (its averaged copy is not gathered) and custom
+  optimizer wrappers that would clip with a per-rank norm.
 
 A sharded module declares ``row_sharded_params`` (names relative to it) and
 provides ``world_size``, ``num_classes``, ``gather_rows(shard)`` (collective)
 and ``local_rows(full)``.
 """
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
-from mmengine.optim import OptimWrapper
+from mmengine.optim import OptimWrapper, OptimWrapperDict
 
 from kdzoo.registry import HOOKS
 from kdzoo.utils import ConfigError
 
 __all__ = ['sharded_params', 'gather_sharded_state', 'full_state_dict',
-           'ShardedHeadCheckpointHook']
+           'check_sharded_training', 'ShardedHeadCheckpointHook',
+           'ShardAwareClipMixin']
 
 
 def _unwrap(model):
@@ -58,7 +63,8 @@ def _optimizer(runner):
     wrapper = getattr(runner, 'optim_wrapper', None)
     if wrapper is None or isinstance(wrapper, dict):
         return None  # not built (test-only runner)
-    if not isinstance(wrapper, OptimWrapper):
+    if isinstance(wrapper, OptimWrapperDict) or \
+            not isinstance(wrapper, OptimWrapper):
         raise ConfigError(
             'optim_wrapper: kdzoo saves PartialFC centre shards with the '
             f'state of a single OptimWrapper, got {type(wrapper).__name__}; '
@@ -75,19 +81,26 @@ def _param_index(optimizer, param) -> int:
     return -1
 
 
-def gather_sharded_state(runner) -> Dict[str, dict]:
-    """Whole tensors of every sharded parameter and of its optimizer state;
-    a collective: every rank calls it (empty without sharded params)::
+def _gathered(module, tensor) -> Optional[torch.Tensor]:
+    """Whole tensor on CPU on rank 0, ``None`` elsewhere (collective)."""
+    full = module.gather_rows(tensor, dst=0)
+    return None if full is None else full.cpu()
+
+
+def gather_sharded_state(runner, with_optimizer: bool = True
+                         ) -> Dict[str, dict]:
+    """Whole tensors of every sharded parameter and of its optimizer state
+    (gathered to rank 0 only); a collective: every rank calls it. Rank 0
+    gets (empty without sharded params; other ranks always get ``{}``)::
 
         {key: dict(weight=(C, D), index=optimizer index or -1,
                    optim={state name: (C, D)})}
     """
     gathered = {}
     params = sharded_params(runner.model)
-    optimizer = _optimizer(runner) if params else None
+    optimizer = _optimizer(runner) if params and with_optimizer else None
     for key, module, param in params:
-        entry = dict(weight=module.gather_rows(param).cpu(), index=-1,
-                     optim={})
+        entry = dict(weight=_gathered(module, param), index=-1, optim={})
         if optimizer is not None:
             entry['index'] = _param_index(optimizer, param)
             state = optimizer.state.get(param, {})
@@ -95,19 +108,44 @@ def gather_sharded_state(runner) -> Dict[str, dict]:
                 value = state[name]
                 if isinstance(value, torch.Tensor) and \
                         value.shape == param.shape:
-                    entry['optim'][name] = module.gather_rows(value).cpu()
-        gathered[key] = entry
+                    entry['optim'][name] = _gathered(module, value)
+        if entry['weight'] is not None:  # rank 0
+            gathered[key] = entry
     return gathered
 
 
 def full_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """``module.state_dict()`` (detached, on CPU) with sharded parameters
-    gathered whole; a collective wherever ``module`` holds shards."""
+    gathered whole; a collective wherever ``module`` holds shards, whose
+    whole matrices only rank 0 receives (use the result there)."""
     state = {k: v.detach().cpu().clone() for k, v in
              module.state_dict().items()}
     for key, owner, param in sharded_params(module):
-        state[key] = owner.gather_rows(param).cpu()
+        state[key] = _gathered(owner, param)
     return state
+
+
+def check_sharded_training(runner) -> None:
+    """Refuse set-ups that would lose or mix sharded rows (every rank)."""
+    params = sharded_params(runner.model)
+    if not params:
+        return
+    from mmengine.hooks import EMAHook
+    if any(isinstance(h, EMAHook) for h in runner.hooks):
+        raise ConfigError(
+            'custom_hooks: EMAHook averages a copy of the model whose '
+            f'PartialFC shards ({params[0][0]}) kdzoo does not gather into '
+            'checkpoints; remove EMAHook or train the head with one process')
+    optimizer = _optimizer(runner)
+    wrapper = runner.optim_wrapper
+    if optimizer is not None and wrapper.clip_grad_kwargs and \
+            not isinstance(wrapper, ShardAwareClipMixin):
+        raise ConfigError(
+            f'optim_wrapper.type: {type(wrapper).__name__} clips with each '
+            "rank's own gradient norm, which differs between ranks with a "
+            'PartialFC head and lets the replicas drift apart; use '
+            "'OptimWrapper' or 'AmpOptimWrapper' (kdzoo's guarded wrappers "
+            'clip with the norm over all ranks) or remove clip_grad')
 
 
 @HOOKS.register_module()
@@ -117,6 +155,9 @@ class ShardedHeadCheckpointHook(Hook):
     nothing for models without sharded parameters."""
 
     priority = 'VERY_LOW'
+
+    def before_train(self, runner) -> None:
+        check_sharded_training(runner)
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         gathered = getattr(runner, 'gathered_shards', None) or {}
@@ -140,7 +181,8 @@ class ShardedHeadCheckpointHook(Hook):
                 if isinstance(value, torch.Tensor) and value.dim() >= 1 \
                         and value.shape[0] == module.num_classes \
                         and value.shape[1:] == param.shape[1:]:
-                    state[name] = module.local_rows(value)
+                    # a copy: a view would keep the whole matrix alive
+                    state[name] = module.local_rows(value).clone()
 
 
 class ShardAwareClipMixin:

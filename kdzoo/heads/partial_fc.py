@@ -8,7 +8,7 @@ structure of insightface ``recognition/arcface_torch/partial_fc_v2.py``
 (``PartialFC_V2``, its ``AllGather`` and ``DistCrossEntropy``).
 """
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -183,8 +183,9 @@ class PartialFC(BaseMarginHead):
       the same way (``kdzoo.engine.sharded_heads``). Loading a ``(C, D)``
       ``weight`` keeps this rank's rows, so a run resumes on any world
       size; a ``(num_local, D)`` shard loads only where it fits exactly
-      (``state_dict()`` of one rank is its shard); any other shape is an
-      error naming both shapes.
+      (``state_dict()`` of one rank is its shard); any other shape is a
+      size mismatch naming both shapes (an error when loading strictly, a
+      warning with mmengine's non-strict ``load_from``).
     * **DDP.** The shards differ between ranks, so DistributedDataParallel
       must not average their gradients: ``ddp_ignore_params`` lists the
       parameter names (relative to the head) that the wrapper has to
@@ -227,9 +228,12 @@ class PartialFC(BaseMarginHead):
         # one seed for the whole centre matrix, taken before anything else
         # draws from the global RNG (see _init_shard)
         seed = int(torch.randint(0, 2**62, (1, )))
-        # the base head allocates only this rank's shard
+        rng_after_seed = torch.get_rng_state()
+        # the base head allocates only this rank's shard (its init draws a
+        # rank-dependent amount: undone below, so ranks' RNGs stay in step)
         super().__init__(num_local, embedding_size, s=s, m=m, eps=eps,
                          init_std=init_std)
+        torch.set_rng_state(rng_after_seed)
         self.num_classes = num_classes
         self.rank, self.world_size = rank, world_size
         self.num_local, self.class_start = num_local, class_start
@@ -255,7 +259,10 @@ class PartialFC(BaseMarginHead):
         every rank the same centres for different classes. One seed is
         taken from the global RNG (same on every rank) and the whole matrix
         is drawn chunk by chunk from it, keeping only this rank's rows: the
-        centres are distinct and do not depend on the world size.
+        centres are distinct and do not depend on the world size (with
+        ``randomness.diff_rank_seed=True`` each rank takes its rows of its
+        own matrix: still distinct). Drawing C×D normals costs seconds at a
+        million classes, once.
         """
         gen = torch.Generator().manual_seed(seed)
         dim, start, stop = (self.embedding_size, self.class_start,
@@ -322,19 +329,32 @@ class PartialFC(BaseMarginHead):
         c, w = self.num_classes, self.world_size
         return [c // w + int(r < c % w) for r in range(w)]
 
-    def gather_rows(self, shard: torch.Tensor) -> torch.Tensor:
+    def gather_rows(self, shard: torch.Tensor,
+                    dst: int = 0) -> Optional[torch.Tensor]:
         """The ``(C, ...)`` whole of a row-sharded tensor (``weight`` or
-        its optimizer state); a collective: every rank must call it."""
+        its optimizer state) on rank ``dst``, ``None`` on the others (only
+        one rank holds the whole matrix); a collective: every rank must
+        call it."""
         self._check_world()
         if self.world_size == 1:
             return shard
-        return _gather_rows(shard.detach().contiguous(), self.rows_per_rank())
+        counts = self.rows_per_rank()
+        padded = shard.new_zeros((max(counts), ) + tuple(shard.shape[1:]))
+        padded[:shard.shape[0]] = shard.detach()
+        parts = [torch.empty_like(padded) for _ in counts] \
+            if self.rank == dst else None
+        dist.gather(padded, parts, dst=dst)
+        if parts is None:
+            return None
+        return torch.cat([p[:n] for p, n in zip(parts, counts)])
 
     def local_rows(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a ``(C, ...)`` tensor."""
         return full[self.class_start:self.class_start + self.num_local]
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata,
+                              strict, missing_keys, unexpected_keys,
+                              error_msgs):
         key = prefix + 'weight'
         value = state_dict.get(key)
         if isinstance(value, torch.Tensor) and \
@@ -343,7 +363,11 @@ class PartialFC(BaseMarginHead):
                     and value.shape[0] == self.num_classes:
                 state_dict[key] = self.local_rows(value)
             else:
-                raise ValueError(
+                # reported like any size mismatch: an error with strict
+                # loading, a warning otherwise (mmengine's load_from)
+                state_dict = {k: v for k, v in state_dict.items()
+                              if k != key}
+                error_msgs.append(
                     f'{key}: the checkpoint holds PartialFC centres of shape '
                     f'{tuple(value.shape)}, but this head needs '
                     f'({self.num_classes}, {self.embedding_size}) (all '
@@ -351,7 +375,9 @@ class PartialFC(BaseMarginHead):
                     f'{tuple(self.weight.shape)}; set num_classes/'
                     'embedding_size to match the checkpoint (a shard saved '
                     'by one rank of another world size cannot be restored)')
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     # ------------------------------------------------------------ training
     def loss(self, emb: torch.Tensor,
