@@ -1,5 +1,6 @@
-"""Age-invariant FR terms (OE-CNN norm regression, GRL age adversary) and the
-age-invariant teacher recipe: values, gradients, validation, registry."""
+"""Age-invariant FR terms (OE-CNN norm regression, GRL age adversary, cross-age
+compactness) and the age-invariant teacher recipe: values, gradients,
+validation, registry."""
 import math
 import os
 
@@ -339,17 +340,9 @@ def test_registry_build():
 
 
 # ---------------------------------------------------------------- recipe
-def test_recipe_builds_and_trains_one_step():
-    from kdzoo.engine.runner import load_recipe
-    cfg = load_recipe(RECIPE)
-    assert not cfg.model.get('teachers')
-    assert cfg.model.student.head.type == 'CosFace'
+def _one_step(cfg):
     torch.manual_seed(0)
     model = MODELS.build(cfg.model)
-    adv = model.distill_losses['loss_age_adv']
-    assert adv.embedding_size == 128  # built by the build-time probe
-    assert any(n.startswith('distill_losses.loss_age_adv.classifier')
-               for n, _ in model.named_parameters())
     g = torch.Generator().manual_seed(1)
     inputs = torch.randn(8, 3, 32, 32, generator=g)
     data = dict(label=torch.tensor([3, 3, 17, 17, 250, 250, 399, 399]),
@@ -357,12 +350,43 @@ def test_recipe_builds_and_trains_one_step():
                 index=torch.arange(8))
     model.train()
     losses = model.loss(inputs, data)
-    assert set(losses) == {'loss_cls', 'loss_age_norm', 'loss_age_adv'}
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0
                for p in model.student.backbone.parameters())
+    return model, losses
+
+
+def test_recipe_builds_and_trains_one_step():
+    from kdzoo.engine.runner import load_recipe
+    cfg = load_recipe(RECIPE)
+    assert not cfg.model.get('teachers')
+    assert cfg.model.student.head.type == 'CosFace'
+    _, losses = _one_step(cfg)
+    assert set(losses) == {'loss_cls', 'loss_cross_age'}
+    assert losses['loss_cross_age'] > 0  # 4 same-identity pairs
+
+
+def test_oecnn_and_adversary_terms_train_in_a_distiller():
+    """The earlier objective (OE-CNN norm + GRL adversary) on the same
+    teacher: the adversary's classifier is built by the build-time probe
+    and trained."""
+    from kdzoo.engine.runner import load_recipe
+    cfg = load_recipe(RECIPE)
+    cfg.model.distill_losses = dict(
+        loss_age_norm=dict(type='AgeNormRegressionLoss',
+                           inputs=dict(s_emb='student.embedding',
+                                       ages='data.age')),
+        loss_age_adv=dict(type='AgeAdversarialLoss',
+                          inputs=dict(s_emb='student.embedding',
+                                      ages='data.age')))
+    model, losses = _one_step(cfg)
+    assert set(losses) == {'loss_cls', 'loss_age_norm', 'loss_age_adv'}
+    adv = model.distill_losses['loss_age_adv']
+    assert adv.embedding_size == 128
+    assert any(n.startswith('distill_losses.loss_age_adv.classifier')
+               for n, _ in model.named_parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for p in adv.parameters())
 

@@ -14,7 +14,15 @@ to the data's age label, e.g. in a recipe with no teachers::
                           inputs=dict(s_emb='student.embedding',
                                       ages='data.age')))
 
-Method chosen: **OE-CNN**, Wang, Gong, Zhou, Ji, Wang, Li, Liu, Zhang,
+kdzoo's age-invariant teacher recipe
+(``recipes/teachers/iresnet_age_invariant_synthface_age.py``) uses
+:class:`CrossAgeCompactnessLoss` (same-identity pairs pulled together,
+weighted by their age gap), which measured better on SynthFaceAge's
+cross-age pairs than the general teacher; the OE-CNN and adversarial terms
+below, tried first, measured worse there (numbers in the recipe). All three
+stay available as plugins.
+
+First method implemented: **OE-CNN**, Wang, Gong, Zhou, Ji, Wang, Li, Liu, Zhang,
 "Orthogonal Deep Features Decomposition for Age-Invariant Face Recognition",
 ECCV 2018, arXiv 1810.07599. The deep feature is decomposed into two
 orthogonal components, ``x = ||x|| * x_hat``: the **norm** ``||x||`` is made
