@@ -309,6 +309,26 @@ def test_cpu_process_group_refuses_nccl():
     assert not dist.is_initialized()
 
 
+STUDENT_RECIPE = os.path.join(ROOT, 'recipes', 'students',
+                              'mbf_synthface_age.py')
+
+
+def _torchrun(tmp_path, recipe, work, options, extra=()):
+    """``kdzoo train`` on WORLD CPU processes (gloo) under torchrun
+    (--standalone: a rendezvous on a free local port)."""
+    env = dict(os.environ, OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join(
+                   [ROOT] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+           '--nproc_per_node', str(WORLD), '-m', 'kdzoo.cli', 'train',
+           recipe, '--work-dir', str(work), '--launcher', 'pytorch',
+           *extra, '--cfg-options'] + as_cli(options)
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason='tests the CPU (gloo) path; with CUDA mmengine '
                     'puts each rank on its own GPU')
@@ -318,17 +338,7 @@ def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path, cache_dir):
     options = tiny_options(cache_dir, **{
         'model.teachers.teacher_fr.checkpoint': teacher,
         'env_cfg.dist_cfg.backend': 'gloo'})
-    env = dict(os.environ, OMP_NUM_THREADS='1',
-               PYTHONPATH=os.pathsep.join(
-                   [ROOT] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
-    # --standalone: a rendezvous on a free local port
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-           '--nproc_per_node', str(WORLD), '-m', 'kdzoo.cli', 'train',
-           KD_RECIPE, '--work-dir', str(work), '--launcher', 'pytorch',
-           '--cfg-options'] + as_cli(options)
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _torchrun(tmp_path, KD_RECIPE, work, options)
     with open(work / 'results.json') as f:
         record = json.load(f)
     assert record['teachers'] == ['teacher_fr']
@@ -344,23 +354,6 @@ def test_torchrun_two_cpu_processes_train_end_to_end(tmp_path, cache_dir):
     prefix = 'student.backbone.'
     for key, value in state.items():
         torch.testing.assert_close(value, ckpt['state_dict'][prefix + key])
-
-
-STUDENT_RECIPE = os.path.join(ROOT, 'recipes', 'students',
-                              'mbf_synthface_age.py')
-
-
-def _torchrun(tmp_path, recipe, work, options, extra=()):
-    env = dict(os.environ, OMP_NUM_THREADS='1',
-               PYTHONPATH=os.pathsep.join(
-                   [ROOT] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone',
-           '--nproc_per_node', str(WORLD), '-m', 'kdzoo.cli', 'train',
-           recipe, '--work-dir', str(work), '--launcher', 'pytorch',
-           *extra, '--cfg-options'] + as_cli(options)
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def _load(path):
