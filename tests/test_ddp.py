@@ -328,7 +328,6 @@ def _torchrun(tmp_path, recipe, work, options, extra=()):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason='tests the CPU (gloo) path; with CUDA mmengine '
                     'puts each rank on its own GPU')

@@ -37,8 +37,7 @@ def test_whole_matrix_loads_as_this_ranks_rows(monkeypatch):
 
 
 @pytest.mark.parametrize('shape', [(4, 4), (8, 4), (7, 5)])
-def test_foreign_shapes_are_a_size_mismatch_naming_both_shapes(monkeypatch,
-                                                              shape):
+def test_foreign_shape_is_a_size_mismatch_naming_both(monkeypatch, shape):
     head = head_of_rank(monkeypatch, 1, 2)  # shard (3, 4) of (7, 4)
     message = (r'weight: the checkpoint holds PartialFC centres of shape '
                r'\(%d, %d\).*needs \(7, 4\).*rank-1 shard \(3, 4\)' % shape)

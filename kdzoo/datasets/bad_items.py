@@ -4,8 +4,8 @@ By default a bad item stops training with a ``DataError`` naming the file
 and item. With ``on_bad_item='skip'`` a training dataset logs it, counts it
 and serves another item instead (mmengine's ``BaseDataset`` refetch), up to
 ``max_bad_items`` (per process); the count, summed over the DDP ranks,
-is reported in ``results.json`` (``bad_items_skipped``). Test sets never skip: a missing image would shift
-every verification pair.
+is reported in ``results.json`` (``bad_items_skipped``). Test sets never
+skip: a missing image would shift every verification pair.
 
 The count lives in shared memory, so items skipped inside DataLoader worker
 processes are counted too (workers forked from the trainer, mmengine's

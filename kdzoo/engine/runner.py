@@ -111,15 +111,15 @@ class KdzooRunner(Runner):
             if key not in skip:
                 broadcast(value)
 
-    def save_checkpoint(self, *args, **kwargs):
+    def save_checkpoint(self, out_dir, filename, file_client_args=None,
+                        save_optimizer=True, **kwargs):
         # every rank takes part in gathering the PartialFC centre shards to
         # rank 0 (a collective) before mmengine's rank-0-only save
-        save_optimizer = kwargs.get('save_optimizer',
-                                    args[3] if len(args) > 3 else True)
         self.gathered_shards = gather_sharded_state(
             self, with_optimizer=save_optimizer)
         try:
-            super().save_checkpoint(*args, **kwargs)
+            super().save_checkpoint(out_dir, filename, file_client_args,
+                                    save_optimizer=save_optimizer, **kwargs)
         finally:
             self.gathered_shards = None
 
@@ -189,10 +189,9 @@ def _add_teacher_cache_hook(cfg: Config) -> None:
     if not (cfg.get('model') or {}).get('teacher_cache'):
         return
     hooks = list(cfg.get('custom_hooks') or [])
+    names = ('TeacherCacheHook', 'kdzoo.TeacherCacheHook', TeacherCacheHook)
     if not any(isinstance(h, TeacherCacheHook) or (
-            isinstance(h, dict) and h.get('type') in (
-                'TeacherCacheHook', 'kdzoo.TeacherCacheHook', TeacherCacheHook))
-               for h in hooks):
+            isinstance(h, dict) and h.get('type') in names) for h in hooks):
         hooks.append(dict(type='TeacherCacheHook'))
         cfg.custom_hooks = hooks
 

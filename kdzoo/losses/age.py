@@ -22,7 +22,8 @@ cross-age pairs than the general teacher; the OE-CNN and adversarial terms
 below, tried first, measured worse there (numbers in the recipe). All three
 stay available as plugins.
 
-First method implemented: **OE-CNN**, Wang, Gong, Zhou, Ji, Wang, Li, Liu, Zhang,
+First method implemented: **OE-CNN**,
+Wang, Gong, Zhou, Ji, Wang, Li, Liu, Zhang,
 "Orthogonal Deep Features Decomposition for Age-Invariant Face Recognition",
 ECCV 2018, arXiv 1810.07599. The deep feature is decomposed into two
 orthogonal components, ``x = ||x|| * x_hat``: the **norm** ``||x||`` is made

@@ -1,5 +1,4 @@
 """What a result was measured with: software versions and the machine."""
-import os
 import platform
 
 import torch

@@ -31,7 +31,12 @@
 #            (within one std). Also tried at seed 0: loss_weight 2 (0.385),
 #            gamma 2 (0.349), P x K batches of 32 x 2 (3 seeds 0.360).
 #            Reproduce: kdzoo train <this recipe> --cfg-options
-#            randomness.seed=K [model.distill_losses.loss_cross_age.gamma=0.0]
+#            randomness.seed=K, plus for the variants
+#            model.distill_losses.loss_cross_age.gamma=0.0 (or 2.0),
+#            model.distill_losses.loss_cross_age.loss_weight=2.0, or
+#            train_dataloader.sampler.type=IdentityBalancedSampler
+#            train_dataloader.sampler.num_identities=32
+#            train_dataloader.sampler.images_per_identity=2
 #            Earlier objectives, all below the general teacher here (seed 0
 #            cross-age TAR@1e-3): OE-CNN norm regression
 #            (AgeNormRegressionLoss) + GRL age adversary (AgeAdversarialLoss)
