@@ -235,11 +235,16 @@ def test_flop_counter_matches_hand_counts():
     (['--preset', 'cpu-smal'], r"--preset: unknown preset 'cpu-smal'.*"
      r"'cpu-small'"),
     (['--student', '{"type": "MobileFaceNett"}'],
-     r"--student: 'MobileFaceNett' is not a registered backbone. Did you "
-     r"mean: 'MobileFaceNet'"),
+     r"--student: type 'MobileFaceNett' is not registered in kdzoo "
+     r"backbones. Did you mean: 'MobileFaceNet'"),
     (['--student', '{type: MobileFaceNet}'], r'--student: invalid JSON'),
     (['--student', '{"type": "MobileFaceNet", "widht_mult": 0.5}'],
-     r'--student .*widht_mult'),
+     r"--student: MobileFaceNet has no argument 'widht_mult'. Did you mean: "
+     r"'width_mult'"),
+    (['--student', '{"type": "MobileFaceNet", "input_size": "big"}'],
+     r"--student input_size: image_size must be an int or \(h, w\)"),
+    (['--teacher', '{"type": "IResNet", "depth": 51}', '--teacher',
+      '{"type": "IResNet", "depth": 50}'], r'--teacher #1 .*51'),
     (['--teacher', '{"type": "IResNet"}'],
      r'--teacher must be given twice .*got 1'),
     (['--device', 'tpu'], r"--device must be 'cpu', 'cuda' or 'cuda:N'"),
@@ -276,3 +281,36 @@ def test_data_errors_come_before_building_models(tmp_path, capsys):
                  '--data-root', folder, '--num-classes', '1']) == 2
     assert 'has 2 identities, more than --num-classes 1' in \
         capsys.readouterr().err
+
+
+def test_random_deep_teachers_get_finite_outputs():
+    """The default teachers (random IResNet-50 at 112 px) overflow to
+    inf/NaN with the default BatchNorm statistics; kdzoo bench calibrates
+    them on one small random batch first."""
+    from kdzoo.engine.bench import _calibrate_batchnorm
+    from kdzoo.registry import BACKBONES
+    torch.manual_seed(0)
+    teacher = BACKBONES.build(dict(type='IResNet', depth=50,
+                                   input_size=(112, 112))).eval()
+    x = torch.randn(1, 3, 112, 112)
+    with torch.no_grad():
+        raw = teacher(x)
+    assert not torch.isfinite(raw).all() or raw.abs().max() > 1e6
+    _calibrate_batchnorm(teacher, (1, 3, 112, 112), '--teacher #1')
+    assert not teacher.training
+    with torch.no_grad():
+        out = teacher(x)
+    assert torch.isfinite(out).all() and out.abs().max() < 1e3
+
+
+def test_a_skipped_step_is_an_error_not_a_timing(monkeypatch, capsys):
+    """A step the NaN guard skips has no 'loss': bench says so."""
+    from kdzoo.distillers import FaceDistiller
+    monkeypatch.setattr(FaceDistiller, 'train_step',
+                        lambda self, data, optim_wrapper: {})
+    assert main(['bench', '--device', 'cpu', '--preset', 'cpu-small',
+                 '--steps', '1', '--warmup', '0', '--settings',
+                 'student_alone']) == 2
+    err = capsys.readouterr().err
+    assert 'student_alone (synthetic): a training step had a non-finite ' \
+        'loss and was skipped' in err

@@ -65,10 +65,12 @@ from mmengine.dataset import BaseDataset, default_collate
 from torch import nn
 
 from kdzoo.registry import BACKBONES, MODELS
-from kdzoo.utils import (ConfigError, atomic_torch_save, atomic_write_json,
-                         did_you_mean, json_option)
+from kdzoo.datasets.dataset_args import parse_image_size
+from kdzoo.utils import (ConfigError, KdzooError, atomic_torch_save,
+                         atomic_write_json, did_you_mean, json_option)
 from kdzoo.utils.environment import cpu_description, software_versions
 from .flops import count_forward_flops
+from .validate import check_registered_config
 
 __all__ = ['SETTINGS', 'PRESETS', 'BenchConfig', 'make_config',
            'BenchSession', 'PlainLoop', 'cosface_loss', 'run_bench',
@@ -170,14 +172,12 @@ def _backbone_cfg(option: str, cfg, image_size: int) -> dict:
         raise ConfigError(f'{option} must be a backbone config with a '
                           f'"type", e.g. {{"type": "IResNet", "depth": 50}}'
                           f', got {cfg!r}')
-    if BACKBONES.get(cfg['type']) is None:
-        raise ConfigError(f'{option}: {cfg["type"]!r} is not a registered '
-                          'backbone.' + did_you_mean(cfg['type'],
-                                                     BACKBONES.module_dict) +
-                          ' See `kdzoo list backbones`.')
+    check_registered_config(cfg, BACKBONES, option)
     cfg = dict(cfg)
-    size = cfg.setdefault('input_size', (image_size, image_size))
-    if tuple(size) != (image_size, image_size) and option == '--student':
+    size = parse_image_size(cfg.setdefault('input_size', image_size),
+                            f'{option} input_size')
+    cfg['input_size'] = size
+    if size != (image_size, image_size) and option == '--student':
         raise ConfigError(f'--student input_size {tuple(size)} differs from '
                           f'--image-size {image_size}; drop input_size from '
                           '--student')
@@ -513,6 +513,32 @@ def _timing(times: Sequence[float], batch_size: int) -> dict:
 _SESSION_IDS = itertools.count()
 
 
+@torch.no_grad()
+def _calibrate_batchnorm(network: nn.Module, shape, option: str) -> None:
+    """Give a randomly initialised network BatchNorm statistics of its own
+    activations (one train-mode pass over a small random batch, cumulative
+    averages): with the default statistics (mean 0, var 1) a deep random
+    IResNet's eval-mode output overflows to inf/NaN. Raises ``ConfigError``
+    naming ``option`` if the output is still not finite."""
+    norms = [m for m in network.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    batch = torch.randn(4, *shape[1:],
+                        generator=torch.Generator().manual_seed(0))
+    network.train()
+    network(batch)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    network.eval()
+    if not bool(torch.isfinite(network(batch[:1])).all()):
+        raise ConfigError(f'{option}: the randomly initialised backbone '
+                          'gives non-finite embeddings; choose a smaller '
+                          'one')
+
+
 class BenchSession:
     """Owns the temporary folder (random teacher weights, teacher caches),
     the data and the per-setting builders; ``run()`` measures everything.
@@ -561,7 +587,7 @@ class BenchSession:
     def _build_backbone(self, option: str, cfg: dict) -> nn.Module:
         try:
             return BACKBONES.build(cfg)
-        except (TypeError, KeyError) as e:
+        except (TypeError, KeyError, ValueError, ConfigError) as e:
             raise ConfigError(f'{option} {json.dumps(cfg)}: {e}') from None
 
     def _prepare_models(self) -> None:
@@ -582,6 +608,7 @@ class BenchSession:
             t_shape = (1, 3, *teacher.input_size)
             self.flops['teacher_forward'].append(
                 count_forward_flops(teacher, t_shape))
+            _calibrate_batchnorm(teacher, t_shape, f'--teacher #{i + 1}')
             path = os.path.join(self.tmpdir, f'teacher_{i + 1}.pth')
             atomic_torch_save(teacher.state_dict(), path)
             self.teacher_files.append(path)
@@ -720,7 +747,14 @@ class BenchSession:
                 setting, mode)
 
             def step():
-                return model.train_step(next_batch(), optim_wrapper)['loss']
+                log_vars = model.train_step(next_batch(), optim_wrapper)
+                if 'loss' not in log_vars:  # the NaN guard skipped the step
+                    raise KdzooError(
+                        f'bench {setting} ({mode}): a training step had a '
+                        'non-finite loss and was skipped; the timing would '
+                        'not be of a real step. Check --precision and the '
+                        'backbones (kdzoo bench uses random weights).')
+                return log_vars['loss']
         build_s = time.perf_counter() - start - (cache_build_s or 0.0)
         times, loss = time_steps(step, cfg.warmup, cfg.steps,
                                  _synchronizer(self.device))

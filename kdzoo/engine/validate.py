@@ -50,8 +50,11 @@ def _check_arguments(cfg: dict, cls, where: str) -> None:
                 f' Accepted arguments: {sorted(accepted)}')
 
 
-def _check_type(cfg: dict, registry, where: str,
-                check_args: bool = True) -> None:
+def check_registered_config(cfg: dict, registry, where: str,
+                            check_args: bool = True) -> None:
+    """``ConfigError`` naming ``where`` if ``cfg['type']`` is not in
+    ``registry`` (with close names) or an argument is not accepted (with
+    the accepted ones)."""
     t = cfg.get('type')
     if t is None or not isinstance(t, str):
         return
@@ -74,7 +77,7 @@ def _check_type(cfg: dict, registry, where: str,
 def _walk_model(node, where: str) -> None:
     if isinstance(node, dict):
         if 'type' in node:
-            _check_type(node, MODELS, where)
+            check_registered_config(node, MODELS, where)
         for key, value in node.items():
             if key != 'inputs':
                 _walk_model(value, f'{where}.{key}')
@@ -88,13 +91,14 @@ def _check_loader(cfg: Config, name: str) -> None:
     if not loader:
         return
     dataset = loader.get('dataset') or {}
-    _check_type(dataset, DATASETS, f'{name}.dataset')
+    check_registered_config(dataset, DATASETS, f'{name}.dataset')
     for i, step in enumerate(dataset.get('pipeline') or []):
         if isinstance(step, dict):
-            _check_type(step, TRANSFORMS, f'{name}.dataset.pipeline[{i}]')
+            check_registered_config(step, TRANSFORMS,
+                                    f'{name}.dataset.pipeline[{i}]')
     sampler = loader.get('sampler')
     if isinstance(sampler, dict):
-        _check_type(sampler, DATA_SAMPLERS, f'{name}.sampler')
+        check_registered_config(sampler, DATA_SAMPLERS, f'{name}.sampler')
 
 
 def validate_config(cfg: Config, source: str = 'recipe') -> None:
@@ -117,16 +121,17 @@ def validate_config(cfg: Config, source: str = 'recipe') -> None:
         for i, metric in enumerate(ev if isinstance(ev, (list, tuple))
                                    else [ev] if ev else []):
             if isinstance(metric, dict):
-                _check_type(metric, METRICS, f'{name}[{i}]')
+                check_registered_config(metric, METRICS, f'{name}[{i}]')
     for i, hook in enumerate(cfg.get('custom_hooks') or []):
-        _check_type(hook, HOOKS, f'custom_hooks[{i}]')
+        check_registered_config(hook, HOOKS, f'custom_hooks[{i}]')
     schedulers = cfg.get('param_scheduler') or []
     for i, sched in enumerate(schedulers if isinstance(schedulers, list)
                               else [schedulers]):
         if isinstance(sched, dict):
             # arguments: mmengine consumes some itself (convert_to_iter_based)
-            _check_type(sched, PARAM_SCHEDULERS, f'param_scheduler[{i}]',
-                        check_args=False)
+            check_registered_config(sched, PARAM_SCHEDULERS,
+                                    f'param_scheduler[{i}]',
+                                    check_args=False)
     _check_optim_wrapper(cfg.get('optim_wrapper'))
     load_from = cfg.get('load_from')
     if load_from and not os.path.isfile(load_from):
