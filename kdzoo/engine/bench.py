@@ -428,9 +428,11 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == 'cuda'
+        self.resettable_rss = False
         if self.cuda:
             self.method = 'torch.cuda.max_memory_allocated, reset per setting'
         elif self._clear_peak_rss():
+            self.resettable_rss = True
             self.method = ('peak RSS of the process (VmHWM), reset per '
                            'setting via /proc/self/clear_refs; loader '
                            'workers not included')
@@ -464,13 +466,13 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif 'clear_refs' in self.method:
+        elif self.resettable_rss:
             self._clear_peak_rss()
 
     def peak_mib(self) -> float:
         if self.cuda:
             return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
-        kib = self._vm_hwm_kib() if 'clear_refs' in self.method else None
+        kib = self._vm_hwm_kib() if self.resettable_rss else None
         if kib is None:
             import resource
             kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -769,14 +771,13 @@ class BenchSession:
     def time_input_pipeline(self) -> dict:
         """images/s of the loader alone (batches moved to the device)."""
         cfg = self.cfg
-        _, next_batch = self.data('loader')
+        dataset, next_batch = self.data('loader')
         dev = self.device
 
         def step():
             return _to_device(next_batch(), dev, non_blocking=True)
         times, _ = time_steps(step, cfg.warmup, cfg.steps,
                               _synchronizer(dev))
-        dataset = self.data('loader')[0]
         return dict(dataset=type(dataset).__name__, images=len(dataset),
                     num_workers=cfg.num_workers,
                     jpeg_decode=bool(cfg.data_root),
