@@ -88,9 +88,14 @@ def evaluate_pretrained(model: str, bins: Sequence[str],
     from .metrics import FaceVerificationMetric
     if network is None:
         network = build_pretrained(model, backbone_cfg)
+    # Every file is read and checked before any embedding: a set that
+    # cannot be scored (e.g. small_lfw.bin, positive pairs only) is refused
+    # up front, not after minutes of work.
+    datasets = [InsightFaceBinDataset(ann_file=path) for path in bins]
+    for dataset in datasets:
+        dataset.check_verification()
     results = {}
-    for path in bins:
-        dataset = InsightFaceBinDataset(ann_file=path)
+    for dataset in datasets:
         protocol = next(iter(dataset.metainfo['verification']))
         outputs = embed_dataset(network, dataset, flip, batch_size, mean,
                                 std, progress=f'embed {protocol}')
