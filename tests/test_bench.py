@@ -16,6 +16,7 @@ from kdzoo.engine.bench import (SETTINGS, BenchSession, _ratio_text,
                                 _targets, cosface_loss, make_config)
 from kdzoo.engine.flops import count_forward_flops
 from kdzoo.registry import BACKBONES
+from kdzoo.utils.environment import cpu_capability, cpu_description
 from tiny_runs import STUDENT_BACKBONE, TEACHER_BACKBONE
 
 SMALL_TEACHER = dict(TEACHER_BACKBONE, layers=(1, 1, 1, 1),
@@ -61,6 +62,10 @@ def test_cli_runs_every_setting_and_writes_the_json(tmp_path, capsys):
     assert {'machine', 'versions', 'config', 'method', 'flops',
             'input_pipeline', 'results', 'targets'} <= set(record)
     assert record['versions']['kdzoo'] and record['versions']['mmengine']
+    machine = record['machine']
+    assert machine['cpu'] == cpu_description()
+    assert machine['cpu_capability'] == cpu_capability()
+    assert machine['torch_threads'] == torch.get_num_threads()
     assert record['config']['batch_size'] == 4
     assert [(r['data'], r['setting']) for r in record['results']] == \
         [(m, s) for m in ('synthetic', 'loader') for s in SETTINGS]

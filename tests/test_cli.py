@@ -19,6 +19,7 @@ import kdzoo  # noqa: F401
 from kdzoo.cli import main
 from kdzoo.evaluation import roc_auc, tar_at_far, verification_accuracy
 from kdzoo.registry import BACKBONES
+from kdzoo.utils.environment import cpu_capability, cpu_description
 from tiny_runs import (STUDENT_BACKBONE, TEACHER_BACKBONE, as_cli,
                        random_teacher, tiny_options)
 
@@ -83,6 +84,13 @@ def test_train_student_writes_results_and_exports(tmp_path, cache_dir,
     assert 'cross_age/TAR@FAR=1e-4' not in metrics
     assert record['epochs'] == 1 and record['batch_size'] == 32
     assert record['teachers'] == [] and record['seed'] == 0
+    # the machine the figures come from (float results depend on the CPU's
+    # kernels and the thread count)
+    assert record['cpu_model'] == cpu_description()
+    assert record['cpu_capability'] == cpu_capability()
+    assert record['num_threads'] == torch.get_num_threads()
+    if not torch.cuda.is_available():
+        assert record['device'].startswith(f'cpu ({cpu_description()}, ')
 
     backbone = torch.load(os.path.join(work, 'backbone.pth'),
                           weights_only=True)

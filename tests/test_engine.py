@@ -341,3 +341,51 @@ def test_recipe_test_cfg_flip(flip):
         mirrored = model.student.backbone(torch.flip(x, dims=[3]))
     expected = plain + mirrored if flip else plain
     assert torch.allclose(model.embed(x), expected, atol=1e-6)
+
+
+# --------------------------------------------------------------- machine
+def test_cpu_model_is_read_from_cpuinfo(tmp_path, monkeypatch):
+    from kdzoo.utils import environment
+    info = tmp_path / 'cpuinfo'
+    info.write_text('processor\t: 0\nvendor_id\t: AuthenticAMD\n'
+                    'model name\t: AMD EPYC 7B13  64-Core Processor\n\n'
+                    'processor\t: 1\nmodel name\t: AMD EPYC 7B13\n')
+    assert environment._cpuinfo_model_name(str(info)) == \
+        'AMD EPYC 7B13 64-Core Processor'
+    assert environment._cpuinfo_model_name(str(tmp_path / 'none')) is None
+    # no /proc/cpuinfo (macOS, Windows): the platform's own names
+    monkeypatch.setattr(environment, '_cpuinfo_model_name', lambda: None)
+    monkeypatch.setattr(environment.platform, 'processor', lambda: 'arm')
+    assert environment.cpu_description() == 'arm'
+    monkeypatch.setattr(environment.platform, 'processor', lambda: '')
+    monkeypatch.setattr(environment.platform, 'machine', lambda: 'x86_64')
+    assert environment.cpu_description() == 'x86_64'
+
+
+def test_cpu_capability_is_torchs_or_none(monkeypatch):
+    from kdzoo.utils.environment import cpu_capability
+    assert cpu_capability() == torch.backends.cpu.get_cpu_capability()
+
+    def unavailable():
+        raise RuntimeError('no capability')
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability',
+                        unavailable)
+    assert cpu_capability() is None
+
+
+def test_results_environment_names_the_cpu(monkeypatch):
+    from kdzoo.engine import runner
+    monkeypatch.setattr(runner.torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(runner.os, 'cpu_count', lambda: 2)
+    monkeypatch.setattr(runner, 'cpu_description', lambda: 'AMD EPYC 7B13')
+    monkeypatch.setattr(runner, 'cpu_capability', lambda: 'AVX512')
+    env = runner._environment()
+    assert env['device'] == 'cpu (AMD EPYC 7B13, 2 cores, AVX512)'
+    assert env['cpu_model'] == 'AMD EPYC 7B13'
+    assert env['cpu_capability'] == 'AVX512'
+    assert env['num_threads'] == torch.get_num_threads()
+    assert env['torch'] == torch.__version__
+    monkeypatch.setattr(runner, 'cpu_capability', lambda: None)
+    env = runner._environment()
+    assert env['device'] == 'cpu (AMD EPYC 7B13, 2 cores)'
+    assert env['cpu_capability'] is None

@@ -68,7 +68,8 @@ from kdzoo.registry import BACKBONES, MODELS
 from kdzoo.datasets.dataset_args import parse_image_size
 from kdzoo.utils import (ConfigError, KdzooError, atomic_torch_save,
                          atomic_write_json, did_you_mean, json_option)
-from kdzoo.utils.environment import cpu_description, software_versions
+from kdzoo.utils.environment import (cpu_capability, cpu_description,
+                                     software_versions)
 from .flops import count_forward_flops
 from .validate import check_registered_config
 
@@ -872,7 +873,7 @@ def _machine(device: torch.device) -> dict:
     return dict(
         device=(torch.cuda.get_device_name(device)
                 if device.type == 'cuda' else 'cpu'),
-        cpu=cpu_description(),
+        cpu=cpu_description(), cpu_capability=cpu_capability(),
         cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
         omp_num_threads=os.environ.get('OMP_NUM_THREADS'))
 

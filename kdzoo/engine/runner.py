@@ -15,7 +15,8 @@ from mmengine.registry import MODEL_WRAPPERS
 from mmengine.runner import EpochBasedTrainLoop, Runner
 
 from kdzoo.utils import ConfigError, atomic_write_json, load_module_weights
-from kdzoo.utils.environment import cpu_description, software_versions
+from kdzoo.utils.environment import (cpu_capability, cpu_description,
+                                     software_versions)
 from .checkpoint import find_resume_checkpoint, runner_checkpoint_policy
 from .exact_resume import ResumableEpochBasedTrainLoop, RngStateHook
 from .sharded_heads import (ShardedHeadCheckpointHook, gather_sharded_state,
@@ -247,9 +248,18 @@ def _count_params(module) -> int:
 
 
 def _environment() -> dict:
-    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-              else f'cpu ({cpu_description()}, {os.cpu_count()} cores)')
-    return dict(device=device, **software_versions())
+    """The machine and software a result was measured with (float
+    results depend on the CPU's kernels and the thread count too)."""
+    model, capability = cpu_description(), cpu_capability()
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name(0)
+    else:  # e.g. 'cpu (AMD EPYC 7B13, 2 cores, AVX512)'
+        parts = [model, f'{os.cpu_count()} cores']
+        if capability:
+            parts.append(capability)
+        device = f"cpu ({', '.join(parts)})"
+    return dict(device=device, cpu_model=model, cpu_capability=capability,
+                num_threads=torch.get_num_threads(), **software_versions())
 
 
 def train_recipe(cfg: Config, resume: bool = False,
