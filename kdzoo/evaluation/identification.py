@@ -13,7 +13,7 @@ import numpy as np
 
 from .verification import l2_normalize
 
-__all__ = ['rank1_identification', 'cmc']
+__all__ = ['rank1_identification', 'rank1_hits', 'cmc']
 
 _CHUNK = 1 << 24  # similarity entries per probe chunk (128 MB of float64)
 
@@ -70,16 +70,16 @@ def _scores(g, gl, p, pl, d, n_distr: int):
         yield genuine, idmax, pc @ d[:n_distr].T
 
 
-def rank1_identification(gallery_emb, gallery_labels, probe_emb, probe_labels,
-                         distractor_emb: Optional[np.ndarray] = None,
-                         distractor_counts: Sequence[int] = (0, )
-                         ) -> Dict[int, float]:
-    """Rank-1 identification rate with 0..k distractors added to the gallery.
+def rank1_hits(gallery_emb, gallery_labels, probe_emb, probe_labels,
+               distractor_emb: Optional[np.ndarray] = None,
+               distractor_counts: Sequence[int] = (0, )
+               ) -> Dict[int, np.ndarray]:
+    """Per probe, whether it is identified at rank 1 with 0..k distractors
+    added to the gallery: ``{k: (num_probes,) bool}``.
 
     For each k in ``distractor_counts`` the gallery is the true gallery plus
-    the first k rows of ``distractor_emb``. Returns ``{k: rank-1 rate}`` as
-    fractions in [0, 1]. Raises ``ValueError`` if a probe identity has no
-    gallery entry or k exceeds the distractors given.
+    the first k rows of ``distractor_emb``. Raises ``ValueError`` if a probe
+    identity has no gallery entry or k exceeds the distractors given.
     """
     g, gl, p, pl, d = _prepare(gallery_emb, gallery_labels, probe_emb,
                                probe_labels, distractor_emb)
@@ -90,7 +90,7 @@ def rank1_identification(gallery_emb, gallery_labels, probe_emb, probe_labels,
         raise ValueError(f'distractor_counts must be in [0, {len(d)}] (the '
                          f'distractors given), got {counts}')
     kmax = max(counts)
-    hits = {k: 0 for k in counts}
+    hits = {k: [] for k in counts}
     for genuine, idmax, dsim in _scores(g, gl, p, pl, d, kmax):
         impostor = idmax.max(axis=1) if idmax.shape[1] else \
             np.full(len(genuine), -np.inf)
@@ -99,8 +99,19 @@ def rank1_identification(gallery_emb, gallery_labels, probe_emb, probe_labels,
         for k in counts:
             worst = impostor if k == 0 else np.maximum(impostor,
                                                        dbest[:, k - 1])
-            hits[k] += int(np.sum(genuine > worst))
-    return {k: hits[k] / len(p) for k in counts}
+            hits[k].append(genuine > worst)
+    return {k: np.concatenate(v) for k, v in hits.items()}
+
+
+def rank1_identification(gallery_emb, gallery_labels, probe_emb, probe_labels,
+                         distractor_emb: Optional[np.ndarray] = None,
+                         distractor_counts: Sequence[int] = (0, )
+                         ) -> Dict[int, float]:
+    """Rank-1 identification rate with 0..k distractors added to the gallery
+    (see :func:`rank1_hits`): ``{k: rate}`` as fractions in [0, 1]."""
+    hits = rank1_hits(gallery_emb, gallery_labels, probe_emb, probe_labels,
+                      distractor_emb, distractor_counts)
+    return {k: float(np.mean(h)) for k, h in hits.items()}
 
 
 def cmc(gallery_emb, gallery_labels, probe_emb, probe_labels,

@@ -148,8 +148,8 @@ def far_key(far: float) -> str:
 
 
 def tar_at_far(scores, issame,
-               fars: Sequence[float] = (1e-1, 1e-2, 1e-3, 1e-4)
-               ) -> Dict[float, float]:
+               fars: Sequence[float] = (1e-1, 1e-2, 1e-3, 1e-4),
+               min_false_accepts: int = 1) -> Dict[float, float]:
     """TAR at fixed FARs from similarity scores (higher = same identity).
 
     Convention: with ``n_neg`` negative pairs and
@@ -160,9 +160,11 @@ def tar_at_far(scores, issame,
     and it is the lowest such threshold, so TAR is the best achievable.
     TAR = fraction of positives strictly above the threshold.
 
-    FARs with ``far * n_neg < 1`` cannot be measured on this many pairs and
-    are omitted from the result (e.g. LFW's 3000 negatives support 1e-3, not
-    1e-4). Returns ``{far: tar}`` in the order given.
+    FARs with ``far * n_neg < min_false_accepts`` are omitted from the
+    result: with 1 (the default), those the pair count cannot measure at
+    all (LFW's 3000 negatives support 1e-3, not 1e-4); kdzoo's metrics ask
+    for 10, so that no reported TAR rests on a handful of impostor scores.
+    Returns ``{far: tar}`` in the order given.
     """
     scores, issame = _check_scores(scores, issame)
     neg = np.sort(scores[~issame])[::-1]
@@ -173,7 +175,7 @@ def tar_at_far(scores, issame,
         if not 0.0 < far <= 1.0:
             raise ValueError(f'FAR must be in (0, 1], got {far}')
         k = math.floor(far * len(neg) + 1e-9)  # tolerate 1e-3*3000=2.999..
-        if k < 1:
+        if k < max(1, min_false_accepts):
             continue
         thr = neg[k] if k < len(neg) else -np.inf
         out[far] = float(np.mean(pos > thr))
