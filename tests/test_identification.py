@@ -102,7 +102,7 @@ def test_identification_metric():
                           for i in order])
     out = metric.evaluate(len(order))
     assert out == {'cross_age/rank1@0': 1.0, 'cross_age/rank1@2': 0.5,
-                   'cross_age/rank1@3': 0.0}
+                   'cross_age/rank1@3': 0.0, 'cross_age/num_probes': 2}
 
 
 def test_identification_metric_errors():

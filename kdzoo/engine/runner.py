@@ -7,6 +7,7 @@ import os
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 from mmengine.config import Config
 from mmengine.dist import all_reduce, broadcast, is_main_process
@@ -15,6 +16,7 @@ from mmengine.registry import MODEL_WRAPPERS
 from mmengine.runner import EpochBasedTrainLoop, Runner
 
 from kdzoo.utils import ConfigError, atomic_write_json, load_module_weights
+from kdzoo.utils.fileio import atomic_write_bytes
 from kdzoo.utils.environment import (cpu_capability, cpu_description,
                                      software_versions)
 from .checkpoint import find_resume_checkpoint, runner_checkpoint_policy
@@ -273,14 +275,14 @@ def train_recipe(cfg: Config, resume: bool = False,
     runner = KdzooRunner.from_cfg(cfg)
     runner.train()
     train_time = time.time() - t0
-    metrics, test_time, curves = {}, 0.0, None
+    metrics, test_time, outputs = {}, 0.0, None
     if run_test and cfg.get('test_dataloader'):
         t1 = time.time()
         metrics = runner.test()
         test_time = time.time() - t1
-        curves = _test_curves(runner)
+        outputs = _test_outputs(runner)
     return write_results(runner, cfg, metrics, train_time, test_time,
-                         curves=curves)
+                         outputs=outputs)
 
 
 def test_recipe(cfg: Config, checkpoint: Optional[str] = None) -> dict:
@@ -302,17 +304,36 @@ def test_recipe(cfg: Config, checkpoint: Optional[str] = None) -> dict:
     metrics = runner.test()
     return write_results(runner, cfg, metrics, 0.0, time.time() - t0,
                          filename='test_results.json',
-                         curves=_test_curves(runner))
+                         outputs=_test_outputs(runner))
 
 
-def _test_curves(runner) -> dict:
-    """TAR-vs-FAR curves the test metrics kept aside (the ``curves``
-    attribute of FaceVerificationMetric): not scalars, so not in the metric
-    dict mmengine logs. ``{protocol: {'far': [...], 'tar': [...]}}``."""
-    curves = {}
+def _test_outputs(runner) -> dict:
+    """What the test metrics kept aside, not being scalars (so not in the
+    metric dict mmengine logs): ``curves`` (TAR vs FAR per protocol),
+    ``intervals`` (``{<key>_ci95: [low, high]}``), ``samples`` (bootstrap
+    replicates per key) and ``bootstrap`` (unit, count, replicates, seed
+    per protocol)."""
+    out = dict(curves={}, intervals={}, samples={}, bootstrap={})
     for metric in getattr(runner.test_evaluator, 'metrics', ()):
-        curves.update(getattr(metric, 'curves', None) or {})
-    return curves
+        for key, attr in (('curves', 'curves'), ('intervals', 'intervals'),
+                          ('samples', 'bootstrap_samples'),
+                          ('bootstrap', 'bootstrap_info')):
+            out[key].update(getattr(metric, attr, None) or {})
+    return out
+
+
+# Bumped when the evaluation changes what a results.json holds (2: all-pairs
+# TAR@FAR, honest FAR range, identity-bootstrap intervals and replicates);
+# kdzoo compare evaluates reused runs of an older version again.
+EVAL_VERSION = 2
+
+
+def bootstrap_file(results_file: str) -> str:
+    """Where the bootstrap replicates of a results file live:
+    ``results.json`` -> ``bootstrap.npz``, ``X_results.json`` ->
+    ``X_bootstrap.npz``."""
+    head, name = os.path.split(results_file)
+    return os.path.join(head, name.replace('results.json', 'bootstrap.npz'))
 
 
 def _is_runner_checkpoint(path: str) -> bool:
@@ -328,7 +349,11 @@ def _is_runner_checkpoint(path: str) -> bool:
 
 def write_results(runner, cfg, metrics, train_time, test_time,
                   filename: str = 'results.json',
-                  curves: Optional[dict] = None) -> dict:
+                  outputs: Optional[dict] = None) -> dict:
+    """Write the run's record (``results.json``): metrics with their 95 %
+    intervals (``<key>_ci95``), curves, timing and the environment; the
+    bootstrap replicates go to ``bootstrap.npz`` beside it (what paired
+    comparisons between runs need)."""
     model = runner.model.module if hasattr(runner.model, 'module') \
         else runner.model
     train_cfg = cfg.get('train_cfg') or {}
@@ -349,8 +374,21 @@ def write_results(runner, cfg, metrics, train_time, test_time,
         bad_items_skipped=_bad_items(runner),
         work_dir=cfg.work_dir,
         **_environment())
-    if curves is not None:  # None: not tested (run_test=False)
-        record['curves'] = curves
+    samples = {}
+    if outputs is not None:  # None: not tested (run_test=False)
+        record['eval_version'] = EVAL_VERSION
+        record['metrics'].update(outputs.get('intervals') or {})
+        record['curves'] = outputs.get('curves') or {}
+        if outputs.get('bootstrap'):
+            record['bootstrap'] = outputs['bootstrap']
+        samples = outputs.get('samples') or {}
     if is_main_process():  # one writer under torchrun
-        atomic_write_json(os.path.join(cfg.work_dir, filename), record)
+        path = os.path.join(cfg.work_dir, filename)
+        if samples:
+            import io
+            buf = io.BytesIO()
+            np.savez_compressed(buf, **{k: np.asarray(v, np.float32)
+                                        for k, v in samples.items()})
+            atomic_write_bytes(bootstrap_file(path), buf.getvalue())
+        atomic_write_json(path, record)
     return record

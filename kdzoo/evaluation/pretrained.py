@@ -82,7 +82,12 @@ def evaluate_pretrained(model: str, bins: Sequence[str],
     ``network``: the model already built from ``model`` (else built here).
 
     JSON layout: ``{<bin stem>: {"accuracy": %, "accuracy_std": %,
-    "threshold": ..., "roc_auc": ..., "tar_at_far": {"1e-3": ...}}}``.
+    "threshold": ..., "roc_auc": ..., "num_positives": ...,
+    "num_negatives": ..., "tar_at_far": {"1e-3": ...}, "ci95":
+    {"accuracy": [lo, hi], "TAR@FAR=1e-3": [lo, hi]}, "bootstrap": {"unit":
+    "identity" | "pair", ...}}}``. With a labels sidecar beside the
+    ``.bin`` (``kdzoo pack labels``), TAR@FAR is scored over all pairs of
+    its distinct images and the intervals resample identities.
     """
     from kdzoo.datasets import InsightFaceBinDataset
     from .metrics import FaceVerificationMetric
@@ -110,6 +115,11 @@ def evaluate_pretrained(model: str, bins: Sequence[str],
                 entry['tar_at_far'][name[len('TAR@FAR='):]] = value
             else:
                 entry[name] = value
+        # 95 % intervals: over identities when the .bin has a labels
+        # sidecar, else over pairs (metric.bootstrap_info says which)
+        entry['ci95'] = {key.split('/', 1)[1][:-len('_ci95')]: ci
+                         for key, ci in metric.intervals.items()}
+        entry['bootstrap'] = metric.bootstrap_info.get(protocol, {})
         results[protocol] = entry
     _print(results, model, flip)
     if out:
@@ -124,13 +134,29 @@ def _print(results, model, flip):
                   key=float, reverse=True)
     table = Table(title=f'{os.path.basename(model)} '
                   f'({"flip-sum" if flip else "no flip"}, 10-fold)')
-    for h in ['set', 'accuracy %', '± std', 'threshold', 'ROC AUC'] + \
-            [f'TAR@FAR={f}' for f in fars]:
+    for h in ['set', 'accuracy %', '± std', '95 % CI', 'threshold',
+              'ROC AUC', 'pairs (+/-)'] + [f'TAR@FAR={f}' for f in fars]:
         table.add_column(h, justify='right')
+
+    def tar(r, f):
+        if f not in r['tar_at_far']:
+            return '–'
+        ci = r.get('ci95', {}).get(f'TAR@FAR={f}')
+        return f'{r["tar_at_far"][f]:.4f}' + (
+            f' [{ci[0]:.3f}, {ci[1]:.3f}]' if ci else '')
+
     for name, r in results.items():
+        ci = r.get('ci95', {}).get('accuracy')
         table.add_row(name, f'{r["accuracy"]:.2f}', f'{r["accuracy_std"]:.2f}',
+                      f'[{ci[0]:.2f}, {ci[1]:.2f}]' if ci else '–',
                       f'{r["threshold"]:.3f}', f'{r["roc_auc"]:.4f}',
-                      *[f'{r["tar_at_far"][f]:.4f}' if f in r['tar_at_far']
-                        else '–' for f in fars])
+                      f'{r.get("num_positives", 0):.0f} / '
+                      f'{r.get("num_negatives", 0):.0f}',
+                      *[tar(r, f) for f in fars])
+    units = {r.get('bootstrap', {}).get('unit') for r in results.values()}
+    if units - {None}:
+        table.caption = ('95 % CI: percentile bootstrap over ' + ' / '.join(
+            sorted(f'{u}s' for u in units if u)) + ' (identities where a '
+            'labels sidecar gives them)')
     from .report import console
     console().print(table)

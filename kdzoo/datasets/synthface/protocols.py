@@ -6,13 +6,20 @@ drawn from group f only, with the same m for every fold, and folds are
 stored contiguously, so the metric's unshuffled k-fold split recovers them.
 
 * ``standard`` (LFW-like): positives are same-identity pairs at any ages
-  (at most :data:`MAX_STANDARD_PER_FOLD` per fold), negatives random
+  (at most :data:`MAX_PAIRS_PER_FOLD` per fold), negatives random
   different-identity pairs.
 * ``cross_age`` (AgeDB-30-like): positives are the same-identity pairs whose
   age gap is at least ``cross_age_gap`` (all of them, trimmed to the
   smallest fold's count); each negative copies the two ages of a positive
   onto two different identities of the fold (their nearest-age images) and
-  must also have a gap >= ``cross_age_gap``, so age difference is no cue.
+  must also have a gap >= ``cross_age_gap``, so age difference is no cue
+  (at most :data:`MAX_PAIRS_PER_FOLD` positives per fold).
+
+These balanced lists serve the k-fold accuracy. Each verification protocol
+also carries ``labels`` (and, for ``cross_age``, ``ages`` and
+``min_age_gap``) so that TAR@FAR is scored over every pair of the test
+identities' images meeting the protocol
+(:mod:`kdzoo.evaluation.all_pairs`).
 
 Pairs are distinct within a protocol; m is limited by the eligible negatives
 too, so tiny test splits still balance.
@@ -32,8 +39,9 @@ __all__ = ['fold_groups', 'standard_pairs', 'cross_age_pairs',
            'cross_age_identification', 'distractor_ladder',
            'build_protocols']
 
-# Upper bound on positive pairs per fold of the standard protocol.
-MAX_STANDARD_PER_FOLD = 5000
+# Upper bound on positive pairs per fold of the pair lists (which serve the
+# k-fold accuracy; TAR@FAR uses all pairs).
+MAX_PAIRS_PER_FOLD = 1500
 
 
 def fold_groups(num_identities: int, num_folds: int,
@@ -116,7 +124,7 @@ def standard_pairs(labels, ages, folds, rng) -> Tuple[np.ndarray, np.ndarray]:
         g = _by_identity(labels, ages, members)
         arrays.append(_fold_arrays(g))
         pos.append(_same_identity_pairs(g))
-    m = min(min(len(p) for p in pos), MAX_STANDARD_PER_FOLD)
+    m = min(min(len(p) for p in pos), MAX_PAIRS_PER_FOLD)
     pos_out, neg_out = [], []
     for p, (idx, lab) in zip(pos, arrays):
         pos_out.append(p[np.sort(rng.choice(len(p), m, replace=False))])
@@ -167,7 +175,7 @@ def cross_age_pairs(labels, ages, folds, min_gap, rng, max_tries=100
                 'lower cross_age_gap')
         pos.append(p)
     # every fold gets m positives and m negatives
-    m = min(min(len(p) for p in pos), min(avail))
+    m = min(min(len(p) for p in pos), min(avail), MAX_PAIRS_PER_FOLD)
     pos_out, neg_out = [], []
     for p, g, n_avail in zip(pos, groups, avail):
         p = p[np.sort(rng.choice(len(p), m, replace=False))]
@@ -254,10 +262,16 @@ def build_protocols(labels, ages, is_distractor, num_identities, seed,
     lab_core = np.where(core, labels, -1)
     std = standard_pairs(lab_core, ages, folds, rng)
     cross = cross_age_pairs(lab_core, ages, folds, cross_age_gap, rng)
+    # labels/ages: TAR@FAR is scored over all pairs of the test identities'
+    # images (distractors take no part); the pair lists serve the accuracy
     verification = {
-        'standard': dict(pairs=std[0], issame=std[1], num_folds=num_folds),
+        'standard': dict(pairs=std[0], issame=std[1], num_folds=num_folds,
+                         labels=lab_core.astype(np.int64)),
         'cross_age': dict(pairs=cross[0], issame=cross[1],
-                          num_folds=num_folds),
+                          num_folds=num_folds,
+                          labels=lab_core.astype(np.int64),
+                          ages=ages.astype(np.int64),
+                          min_age_gap=cross_age_gap),
     }
     identification = {
         'cross_age': cross_age_identification(labels, ages, is_distractor,
