@@ -102,19 +102,25 @@ def test_two_seeds_mean_std_curves_context_plot_reuse(tmp_path, monkeypatch,
     assert agg['student']['metrics_std'][key] == \
         pytest.approx(np.std(values, ddof=1))
 
-    # curves: per record and protocol, the end of the log FAR grid that
-    # the protocol's negative pairs support (a few dozen negatives)
+    # curves (all pairs of the test identities' images): the points of the
+    # log FAR grid up to 1e-2 with >= 10 negatives above the threshold
     grid = np.logspace(-6, 0, 25)
     for r in summary['runs']:
         for proto in ('standard', 'cross_age'):
+            n_neg = r['metrics'][f'{proto}/num_negatives']
             c = r['curves'][proto]
-            assert len(c['far']) == len(c['tar']) >= 3
-            assert c['far'] == pytest.approx(grid[-len(c['far']):])
+            assert c['far'] == pytest.approx(
+                [f for f in grid if f <= 1e-2 + 1e-12 and f * n_neg >= 10])
+            assert len(c['far']) == len(c['tar']) >= 1
             assert all(0.0 <= t <= 1.0 for t in c['tar'])
-            # the grid point 1e-1 agrees with the TAR@FAR=1e-1 metric
-            i = int(np.argmin(np.abs(np.log10(c['far']) + 1)))
-            assert c['far'][i] == pytest.approx(0.1)
-            assert c['tar'][i] == r['metrics'][f'{proto}/TAR@FAR=1e-1']
+            # the grid point 1e-2 agrees with the TAR@FAR=1e-2 metric
+            assert c['far'][-1] == pytest.approx(0.01)
+            assert c['tar'][-1] == r['metrics'][f'{proto}/TAR@FAR=1e-2']
+            # every reported key has its interval, and it holds the value
+            lo, hi = r['metrics'][f'{proto}/TAR@FAR=1e-2_ci95']
+            assert lo <= r['metrics'][f'{proto}/TAR@FAR=1e-2'] <= hi
+            assert r['bootstrap'][proto]['unit'] == 'identity'
+            assert r['bootstrap'][proto]['count'] == 20
     mean_curve = agg['student']['curves']['cross_age']['tar']
     assert mean_curve == pytest.approx(np.mean(
         [r['curves']['cross_age']['tar'] for r in per_seed], axis=0))
@@ -137,7 +143,10 @@ def test_two_seeds_mean_std_curves_context_plot_reuse(tmp_path, monkeypatch,
     row = [ln for ln in md.splitlines() if ln.startswith('| student |')]
     assert len(row) == 1
     std = np.std(values, ddof=1)
-    assert f' {values.mean():.2f} ± {std:.2f} ' in row[0]
+    ci = agg['student']['ci95'][key]
+    assert ci[0] < values.mean() < ci[1]
+    assert f' {values.mean():.2f} ± {std:.2f} [{ci[0]:.2f}, {ci[1]:.2f}] ' \
+        in row[0]
     assert ' 0,1 ' in row[0]
     assert 'seeds: 0 / 1' in md and 'mmengine' in md
     assert 'kdzoo compare' in out and '±' in out  # the rich table
@@ -253,9 +262,10 @@ def test_rerun_with_stub_trains_nothing(tmp_path, monkeypatch):
     assert len(n) == 6
 
 
-def test_old_results_get_curves_by_testing_again(tmp_path, monkeypatch):
-    """A finished run from before the curves existed is tested again (not
-    retrained) to add them; the next call reuses it as is."""
+def test_old_results_are_evaluated_again(tmp_path, monkeypatch):
+    """A finished run from before the current evaluation (no curves, no
+    intervals: no eval_version) is tested again (not retrained); the next
+    call reuses it as is."""
     monkeypatch.setattr(suite_mod, 'train_recipe',
                         lambda cfg: {k: v for k, v in fake_record(cfg).items()
                                      if k != 'curves'})
@@ -315,6 +325,69 @@ def test_suite_entry_errors(tmp_path, capsys):
                  '--work-dir', str(tmp_path / 'w')]) == 2
     err = capsys.readouterr().err
     assert "run 'alone' sets randomness.seed" in err and 'seeds=False' in err
+
+
+def test_reference_must_name_a_run(tmp_path, capsys):
+    suite = write_suite(tmp_path / 's.py', f'''
+        runs = [dict(name='alone', recipe={STUDENT!r}),
+                dict(name='kd', recipe={STUDENT!r})]
+        ''', reference='kdd')
+    assert main(['compare', suite, '--work-dir', str(tmp_path / 'w')]) == 2
+    err = capsys.readouterr().err
+    assert "reference='kdd' names no run of the suite" in err
+    assert "Did you mean: 'kd'" in err and 'Traceback' not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def _bootstrap_record(tmp_path, name, seed, value, reps):
+    from kdzoo.engine.runner import bootstrap_file
+    d = tmp_path / f'{name}{seed}'
+    d.mkdir()
+    np.savez(bootstrap_file(str(d / 'results.json')), **{'p/k': reps})
+    return dict(name=name, role='student', seed=seed, work_dir=str(d),
+                metrics={'p/k': value})
+
+
+def test_paired_differences_and_intervals(tmp_path):
+    from kdzoo.evaluation.report import aggregate
+    from kdzoo.evaluation.significance import add_intervals
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.02, size=(3, 1000))  # shared test-set draws
+    recs = []
+    for seed in range(3):
+        # b = a + 0.05 on every replicate; c = a + tiny
+        base = 0.3 + 0.01 * seed
+        recs += [_bootstrap_record(tmp_path, 'a', seed, base,
+                                   base + noise[seed]),
+                 _bootstrap_record(tmp_path, 'b', seed, base + 0.05,
+                                   base + 0.05 + noise[seed]),
+                 _bootstrap_record(tmp_path, 'c', seed, base + 1e-4,
+                                   base + 1e-4 + noise[seed] +
+                                   rng.normal(0, 0.01, 1000))]
+    entries = aggregate(recs)
+    add_intervals(entries, recs, ['p/k'], baseline='a', reference='c')
+    e = {x['name']: x for x in entries}
+    d = e['b']['differences']['a']['p/k']
+    assert d['diff'] == pytest.approx(0.05) and d['verdict'] == 'better'
+    assert d['ci95'][0] == pytest.approx(0.05) and d['seeds'] == 3
+    d = e['a']['differences']['c']['p/k']
+    assert d['verdict'] == 'not distinguishable'
+    assert d['ci95'][0] < 0 < d['ci95'][1]
+    assert e['c']['differences']['a']['p/k']['verdict'] == \
+        'not distinguishable'
+    # one seed: the interval of the difference is the identity bootstrap's
+    one = [r for r in recs if r['seed'] == 0]
+    entries = aggregate(one)
+    add_intervals(entries, one, ['p/k'], baseline='a')
+    e = {x['name']: x for x in entries}
+    samples_c = np.load(os.path.join(one[2]['work_dir'], 'bootstrap.npz'))
+    samples_a = np.load(os.path.join(one[0]['work_dir'], 'bootstrap.npz'))
+    diff = samples_c['p/k'] - samples_a['p/k']
+    assert e['c']['differences']['a']['p/k']['ci95'] == pytest.approx(
+        list(np.percentile(diff, [2.5, 97.5])))
+    assert e['a']['ci95']['p/k'] == pytest.approx(
+        list(np.percentile(samples_a['p/k'], [2.5, 97.5])))
+    assert 'differences' in e['a'] and e['a']['differences'] == {}
 
 
 # ------------------------------------------------- aggregation and figure
@@ -448,7 +521,8 @@ def test_verification_metric_keeps_curve_beside_scalar_metrics():
     out = metric.evaluate(n_img)
     assert all(isinstance(v, float) for v in out.values())  # scalars only
     # reference: accept when the cosine is above the (k+1)-th largest
-    # negative score, k = floor(far * negatives), k >= 1
+    # negative score, k = floor(far * negatives), k >= 10 (a FAR is
+    # reported only when at least 10 negatives lie above its threshold)
     unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
     scores = [float(unit[a] @ unit[b]) for a, b in pairs]
     neg = sorted((s for s, same in zip(scores, issame) if not same),
@@ -457,15 +531,22 @@ def test_verification_metric_keeps_curve_beside_scalar_metrics():
     far_ref, tar_ref = [], []
     for far in (1e-3, 1e-2, 0.1, 0.5, 1.0):
         k = int(np.floor(far * len(neg) + 1e-9))
-        if k < 1:
+        if k < 10:
             continue
         thr = neg[k] if k < len(neg) else -np.inf
         far_ref.append(far)
         tar_ref.append(sum(s > thr for s in pos) / len(pos))
-    assert len(neg) < 1000 and 1e-3 not in far_ref  # unsupported: left out
-    assert metric.curves['p']['far'] == far_ref
+    # 1e-2 and 1e-3: fewer than 10 negatives above: left out
+    assert 10 <= 0.1 * len(neg) and 1e-2 * len(neg) < 10
+    assert metric.curves['p']['far'] == far_ref == [0.1, 0.5, 1.0]
     assert metric.curves['p']['tar'] == pytest.approx(tar_ref)
-    assert out['p/TAR@FAR=1e-2'] == pytest.approx(tar_ref[0])
+    assert out['p/TAR@FAR=1e-1'] == pytest.approx(tar_ref[0])
+    assert 'p/TAR@FAR=1e-2' not in out
+    assert out['p/num_negatives'] == len(neg)
+    # no identities: the intervals come from a bootstrap over pairs
+    assert metric.bootstrap_info['p']['unit'] == 'pair'
+    lo, hi = metric.intervals['p/TAR@FAR=1e-1_ci95']
+    assert lo <= out['p/TAR@FAR=1e-1'] <= hi
     with pytest.raises(ConfigError, match='curve_fars'):
         FaceVerificationMetric(curve_fars=(0.0, 0.1))
 

@@ -16,8 +16,17 @@ A recipe without ``train_dataloader`` (e.g. a pretrained teacher's
 evaluation) is only tested.
 
 and optionally ``work_dir``, ``columns`` (list of (title, metric key)),
-``seeds`` (how many seeds, default 1; ``--seeds`` overrides) and ``plot``
-(``dict(protocol='cross_age', far=1e-3)``).
+``seeds`` (how many seeds, default 1; ``--seeds`` overrides), ``plot``
+(``dict(protocol='cross_age', far=1e-3)``), ``baseline`` (the run every
+student run is compared with, default ``student_alone`` when there is one),
+``reference`` (a second run to compare with, e.g. ``'kd'``) and
+``compare_keys`` (the metric keys of those paired differences; default
+TAR@FAR=1e-3 of each protocol and the rank-1 columns).
+
+Every cell carries its 95 % interval (test identities bootstrapped; with
+several seeds, seeds too), and each student run's paired difference to the
+baseline and the reference is marked better / worse / not distinguishable
+(:mod:`kdzoo.evaluation.significance`).
 
 Seeds: with N > 1 seeds, every repeated run is trained with
 ``randomness.seed`` = 0, 1, ..., N-1; seed 0 keeps the run's work dir
@@ -28,13 +37,14 @@ data (``data_seed``) is the same for every seed.
 
 A run whose ``results.json`` holds the same run hash (resolved config, so
 the seed, plus the hashes of the runs it depends on) is reused, not
-retrained. A reused run whose ``results.json`` predates the TAR-vs-FAR
-curves is evaluated again (test only, from its ``backbone.pth``) to add
-them.
+retrained. A reused run whose ``results.json`` predates the current
+evaluation (``eval_version``) is evaluated again (test only, from its
+``backbone.pth``).
 
 Outputs in the work dir: ``comparison.md`` (table, ``mean ± std`` over
 seeds, and the reproduction context), ``comparison.json`` (every run's
-record with its curves, the per-name aggregates and the context) and
+record with its curves, the per-name aggregates with intervals and paired
+differences, and the context) and
 ``comparison.png`` (TAR-vs-FAR curves and TAR@FAR=1e-3 bars).
 """
 import hashlib
@@ -46,7 +56,8 @@ from typing import Dict, List, Optional
 from mmengine.config import Config
 
 from kdzoo.utils import ConfigError, atomic_write_json, atomic_write_text
-from .runner import config_hash, load_recipe, test_recipe, train_recipe
+from .runner import (EVAL_VERSION, bootstrap_file, config_hash, load_recipe,
+                     test_recipe, train_recipe)
 
 _PLACEHOLDER = re.compile(r'\{([A-Za-z_][A-Za-z0-9_]*)\}')
 _SEED_KEY = 'randomness.seed'
@@ -123,9 +134,13 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     Returns every run's record (one per run and seed, in suite order).
     """
     from kdzoo.evaluation.report import (aggregate, comparison_markdown,
+                                         default_columns,
+                                         default_compare_keys,
                                          print_comparison,
                                          reproduction_context)
+    from kdzoo.evaluation.significance import METHOD_NOTE, add_intervals
     suite = load_suite(path)
+    baseline, reference = _comparison_runs(suite, path)  # before training
     num_seeds = _num_seeds(seeds if seeds is not None else
                            suite.get('seeds', 1),
                            '--seeds' if seeds is not None else path)
@@ -184,8 +199,8 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
             else:
                 print(f'[{tag}] reusing finished run ({run_dir})')
                 reused.append(run_dir)
-                if 'curves' not in record:
-                    record = _add_curves(cfg, record, run_dir, tag)
+                if record.get('eval_version') != EVAL_VERSION:
+                    record = _evaluate_again(cfg, record, run_dir, tag)
             dirs_by_seed[seed], hashes_by_seed[seed] = run_dir, run_hash
             records.append(record)
         run_dirs[name], run_hashes[name] = dirs_by_seed, hashes_by_seed
@@ -193,7 +208,12 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     if num_seeds == 1:  # the recipes' own seeds (randomness.seed)
         seed_list = sorted({r.get('seed') for r in records}, key=str)
     entries = aggregate(records)
-    columns = suite.get('columns')
+    columns = suite.get('columns') or default_columns(entries)
+    compare_keys = list(suite.get('compare_keys') or
+                        default_compare_keys(columns))
+    add_intervals(entries, records, sorted({k for _, k in columns} |
+                                           set(compare_keys)),
+                  baseline=baseline, reference=reference)
     plot_opts = dict(suite.get('plot') or {})
     suite_name = os.path.splitext(os.path.basename(path))[0]
     context = reproduction_context(
@@ -202,7 +222,8 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
         seed_policy=('students: one run per seed; teachers and runs with '
                      'seeds=False: one run (their recipe seed), shared by '
                      'every seed') if num_seeds > 1 else 'one seed',
-        wall_time_s=round(time.time() - t_start, 1), reused=reused)
+        wall_time_s=round(time.time() - t_start, 1), reused=reused,
+        baseline=baseline, reference=reference, intervals=METHOD_NOTE)
     png = os.path.join(work_dir, 'comparison.png')
     summary = dict(suite=path, work_dir=work_dir,
                    wall_time_s=context['wall_time_s'], seeds=seed_list,
@@ -210,14 +231,15 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
                    plot=png)
     atomic_write_json(os.path.join(work_dir, 'comparison.json'), summary)
     atomic_write_text(os.path.join(work_dir, 'comparison.md'),
-                      comparison_markdown(entries, columns, context))
+                      comparison_markdown(entries, columns, context,
+                                          compare_keys))
     from kdzoo.evaluation.plots import seeds_title, write_comparison_plot
     write_comparison_plot(entries, png,
                           seeds_title(suite_name, seed_list, num_seeds > 1),
                           protocol=plot_opts.get('protocol'),
                           far=plot_opts.get('far', 1e-3))
     print_comparison(entries, columns, title=f'kdzoo compare: {path}',
-                     context=context)
+                     context=context, compare_keys=compare_keys)
     print(f'table: {os.path.join(work_dir, "comparison.md")}  '
           f'json: {os.path.join(work_dir, "comparison.json")}  '
           f'plot: {png}  ({summary["wall_time_s"]:.0f} s)')
@@ -232,17 +254,52 @@ def _for_seed(by_seed: dict, seed):
     return by_seed[None] if None in by_seed else by_seed[0]
 
 
-def _add_curves(cfg: Config, record: dict, run_dir: str, tag: str) -> dict:
-    """Evaluate a finished run that predates the TAR-vs-FAR curves (test
-    only, from its exported ``backbone.pth``) and add its curves."""
+def _evaluate_again(cfg: Config, record: dict, run_dir: str,
+                    tag: str) -> dict:
+    """Evaluate a finished run whose results predate kdzoo's current
+    evaluation (all-pairs TAR, intervals, bootstrap replicates): test only,
+    from its exported ``backbone.pth`` (a recipe without training data as
+    it is); metrics, curves and replicates are replaced."""
     ckpt = os.path.join(run_dir, 'backbone.pth')
-    if not cfg.get('test_dataloader') or not os.path.isfile(ckpt):
+    trained = bool(cfg.get('train_dataloader'))
+    if not cfg.get('test_dataloader') or (trained and
+                                          not os.path.isfile(ckpt)):
         return record
-    print(f'[{tag}] evaluating again for the TAR-vs-FAR curves')
-    tested = test_recipe(cfg, checkpoint=ckpt)
-    record = dict(record, curves=tested.get('curves', {}))
+    print(f'[{tag}] evaluating again (results predate the current '
+          'evaluation)')
+    tested = test_recipe(cfg, checkpoint=ckpt if trained else None)
+    record = dict(record, metrics=tested['metrics'],
+                  curves=tested.get('curves', {}),
+                  eval_version=EVAL_VERSION)
+    if tested.get('bootstrap'):
+        record['bootstrap'] = tested['bootstrap']
+    src = bootstrap_file(os.path.join(run_dir, 'test_results.json'))
+    if os.path.isfile(src):
+        os.replace(src, bootstrap_file(os.path.join(run_dir,
+                                                    'results.json')))
     atomic_write_json(os.path.join(run_dir, 'results.json'), record)
     return record
+
+
+def _comparison_runs(suite: Config, path: str):
+    """(baseline, reference) run names of the paired differences: the
+    suite's ``baseline`` (default ``student_alone`` when the suite has such
+    a run) and ``reference`` (optional); each must name a run."""
+    names = [r['name'] for r in suite['runs']]
+    out = []
+    for key, default in (('baseline', 'student_alone'), ('reference', None)):
+        value = suite.get(key)
+        if value is None:
+            out.append(default if default in names else None)
+            continue
+        if value not in names:
+            from kdzoo.utils.errors import did_you_mean
+            raise ConfigError(
+                f'{path}: {key}={value!r} names no run of the suite; set it '
+                f'to one of {names} or remove it.' + did_you_mean(value,
+                                                                   names))
+        out.append(value)
+    return tuple(out)
 
 
 def _finished(run_dir: str, run_hash: str) -> Optional[dict]:

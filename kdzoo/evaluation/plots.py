@@ -2,8 +2,11 @@
 
 Left (above, for more than eight runs): TAR against FAR (log x) on one
 verification protocol (default ``cross_age``), one curve per run (mean over
-seeds, shaded ± std). Right (below): bars of TAR@FAR=1e-3 on that protocol, std error bars when a run has several
-seeds; teacher bars are hatched grey, and the line of a teacher is dashed.
+seeds, shaded ± std). Right (below): bars of TAR@FAR=1e-3 on that
+protocol with their 95 % intervals (test identities bootstrapped, and seeds
+when a run has several; std over seeds for records without bootstrap
+replicates); teacher bars are hatched grey, and the line of a teacher is
+dashed.
 """
 import io
 from typing import List, Optional, Sequence
@@ -106,35 +109,45 @@ def plot_comparison(entries: Sequence[dict], title: str = 'comparison',
     bar_far = _bar_far(entries, proto, far) if proto else far
     key = f'{proto}/TAR@FAR={far_key(bar_far)}'
     names, heights, errs, bar_colors, hatches = [], [], [], [], []
+    intervals = any(key in (e.get('ci95') or {}) for e in entries)
     for e, color in zip(entries, colors):
         names.append(e['name'])
         value = e.get('metrics', {}).get(key)
         heights.append(0.0 if value is None else value)
+        ci = (e.get('ci95') or {}).get(key)
         n = len(e.get('metrics_values', {}).get(key, ()))
-        errs.append(e.get('metrics_std', {}).get(key, 0.0) if n > 1 else 0.0)
+        if intervals:  # 95 % interval (identities, and seeds when several)
+            errs.append((max(0.0, heights[-1] - ci[0]),
+                         max(0.0, ci[1] - heights[-1])) if ci and
+                        value is not None else (0.0, 0.0))
+        else:
+            sd = e.get('metrics_std', {}).get(key, 0.0) if n > 1 else 0.0
+            errs.append((sd, sd))
         bar_colors.append(color or _TEACHER_COLOR)
         hatches.append('//' if e.get('role') == 'teacher' else '')
     xs = range(len(names))
+    yerr = [[lo for lo, _ in errs], [hi for _, hi in errs]]
     bars = ax_bar.bar(xs, heights, color=bar_colors, edgecolor='black',
-                      linewidth=0.6, yerr=errs if any(errs) else None,
-                      capsize=3)
+                      linewidth=0.6,
+                      yerr=yerr if any(map(any, errs)) else None, capsize=3)
     for bar, hatch in zip(bars, hatches):
         bar.set_hatch(hatch)
     for x, e, h, err in zip(xs, entries, heights, errs):
         if key not in e.get('metrics', {}):
             ax_bar.text(x, 0.01, 'n/a', ha='center', fontsize='small')
         else:
-            ax_bar.text(x, h + err + 0.01, f'{h:.3f}', ha='center',
+            ax_bar.text(x, h + err[1] + 0.01, f'{h:.3f}', ha='center',
                         va='bottom', fontsize='x-small',
                         rotation=90 if many else 0)
     ax_bar.set_xticks(list(xs), names, rotation=45 if len(names) > 4 else 0,
                       ha='right' if len(names) > 4 else 'center')
     ax_bar.set_ylabel(f'TAR@FAR={far_key(bar_far)}')
-    top = max([h + s for h, s in zip(heights, errs)] + [0.1])
+    top = max([h + s[1] for h, s in zip(heights, errs)] + [0.1])
     ax_bar.set_ylim(0, min(1.05, max(0.1, top * (1.3 if many else 1.15)
                                      + 0.02)))
     ax_bar.set_title(f'{proto or "?"}: TAR@FAR={far_key(bar_far)}' + (
-        ' (std over seeds)' if any(errs) else '') + (
+        ' (95 % interval)' if intervals else ' (std over seeds)'
+        if any(map(any, errs)) else '') + (
         f'\n({far_key(far)} not measurable on this test set)'
         if bar_far != far else ''))
     ax_bar.grid(True, axis='y', alpha=0.3)

@@ -41,6 +41,19 @@ def default_columns(records: Sequence[dict]) -> List[Column]:
     return columns
 
 
+def _scalar(value) -> bool:
+    """A metric value that averages (not an interval or a missing key)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def default_compare_keys(columns: Sequence[Column]) -> List[str]:
+    """The keys paired differences are reported for: TAR@FAR=1e-3 of each
+    protocol and the rank-1 columns (else every column)."""
+    keys = [k for _, k in columns
+            if k.endswith('/TAR@FAR=1e-3') or _RANK1.match(k)]
+    return keys or [k for _, k in columns]
+
+
 def _std(values: Sequence[float]) -> float:
     """Sample standard deviation (ddof=1); 0 for a single value."""
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -90,7 +103,9 @@ def aggregate(records: Sequence[dict]) -> List[dict]:
         for r in rs:
             keys += [k for k in r.get('metrics', {}) if k not in keys]
         values = {k: [float(r['metrics'][k]) for r in rs
-                      if k in r.get('metrics', {})] for k in keys}
+                      if _scalar(r.get('metrics', {}).get(k))]
+                  for k in keys}
+        values = {k: v for k, v in values.items() if v}
         entries.append(dict(
             name=name, role=rs[0].get('role', ''), n=len(rs),
             seeds=[r.get('seed') for r in rs],
@@ -116,12 +131,17 @@ def _fmt(value: Optional[float], key: str) -> str:
 
 
 def _cell(entry: dict, key: str) -> str:
-    """``mean ± std`` when the entry has several seeds with this metric."""
+    """``mean ± std`` when the entry has several seeds with this metric,
+    then its 95 % interval ``[low, high]`` when it has one."""
     mean = entry.get('metrics', {}).get(key)
     values = entry.get('metrics_values', {}).get(key, ())
-    if mean is None or len(values) < 2:
-        return _fmt(mean, key)
-    return f'{_fmt(mean, key)} ± {_fmt(entry["metrics_std"][key], key)}'
+    text = _fmt(mean, key)
+    if mean is not None and len(values) >= 2:
+        text += f' ± {_fmt(entry["metrics_std"][key], key)}'
+    ci = (entry.get('ci95') or {}).get(key)
+    if mean is not None and ci:
+        text += f' [{_fmt(ci[0], key)}, {_fmt(ci[1], key)}]'
+    return text
 
 
 def _seeds(entry: dict) -> str:
@@ -172,6 +192,9 @@ def reproduction_context(records: Sequence[dict], **extra) -> dict:
             for r in records]
     context = dict(
         device=_unique(r.get('device') for r in records),
+        cpu_model=_unique(r.get('cpu_model') for r in records),
+        cpu_capability=_unique(r.get('cpu_capability') for r in records),
+        num_threads=_unique(r.get('num_threads') for r in records),
         versions={k: _unique(r.get(k) for r in records)
                   for k in ('torch', 'mmengine', 'kdzoo', 'python')},
         batch_size=_unique(r.get('batch_size') for r in records),
@@ -199,6 +222,13 @@ def _context_lines(context: dict) -> List[str]:
                  f'{show(v.get("torch"))}; mmengine {show(v.get("mmengine"))}'
                  f'; kdzoo {show(v.get("kdzoo"))}; python '
                  f'{show(v.get("python"))}')
+    if context.get('cpu_capability') not in (None, 'None'):
+        lines.append(
+            f'CPU: {show(context.get("cpu_model"))}, torch CPU capability '
+            f'{show(context.get("cpu_capability"))}, '
+            f'{show(context.get("num_threads"))} threads (exact digits '
+            'depend on the CPU kernels and thread count; conclusions drawn '
+            'from the intervals should not)')
     lines.append(f'batch size: {show(context.get("batch_size"))}; epochs: '
                  f'{show(context.get("epochs"))}')
     wall = f'wall time: {context.get("run_time_total_s", 0):.0f} s summed ' \
@@ -237,14 +267,66 @@ def _md_table(header, rows) -> List[str]:
         ['| ' + ' | '.join(row) + ' |' for row in rows]
 
 
+_DIFF_HEADER = ['run', 'metric']
+
+
+def _signed(value: float, key: str) -> str:
+    return ('+' if value >= 0 else '') + _fmt(value, key)
+
+
+def _diff_rows(entries, keys, against):
+    for e in entries:
+        diffs = e.get('differences') or {}
+        if not diffs:
+            continue
+        for key in keys:
+            row = [e['name'], key]
+            any_cell = False
+            for ref in against:
+                d = diffs.get(ref, {}).get(key)
+                if d is None:
+                    row.append('–')
+                    continue
+                any_cell = True
+                lo, hi = d['ci95']
+                row.append(f'{_signed(d["diff"], key)} [{_signed(lo, key)}, '
+                           f'{_signed(hi, key)}] {d["verdict"]}')
+            if any_cell:
+                yield row
+
+
+def _against(entries) -> List[str]:
+    names = []
+    for e in entries:
+        names += [n for n in (e.get('differences') or {}) if n not in names]
+    return names
+
+
+def differences_markdown(entries: Sequence[dict], keys: Sequence[str]
+                         ) -> List[str]:
+    """Markdown lines of the paired differences (empty without any)."""
+    from .significance import METHOD_NOTE
+    against = _against(entries)
+    rows = list(_diff_rows(entries, keys, against))
+    if not rows:
+        return []
+    header = _DIFF_HEADER + [f'Δ vs {a} [95 % CI]' for a in against]
+    return ['', '**Paired differences** (mean over common seeds)', ''] + \
+        _md_table(header, rows) + ['', f'_{METHOD_NOTE}._']
+
+
 def comparison_markdown(records: Sequence[dict],
                         columns: Optional[Sequence[Column]] = None,
-                        context: Optional[dict] = None) -> str:
+                        context: Optional[dict] = None,
+                        compare_keys: Optional[Sequence[str]] = None) -> str:
     """The comparison table (one row per run name, ``mean ± std`` over
-    seeds) and the reproduction context (per-run table)."""
+    seeds, 95 % intervals), the paired differences and the reproduction
+    context (per-run table)."""
     entries = _entries(records)
     columns = list(columns or default_columns(entries))
     lines = _md_table(_header(columns), _rows(entries, columns))
+    lines += differences_markdown(
+        entries, compare_keys or default_compare_keys(columns))
     plain = [r for r in records if 'metrics_values' not in r]
     if context is None and plain:  # entries alone do not hold the context
         context = reproduction_context(plain)
@@ -267,8 +349,11 @@ def console():
 def print_comparison(records: Sequence[dict],
                      columns: Optional[Sequence[Column]] = None,
                      title: str = 'comparison',
-                     context: Optional[dict] = None) -> None:
+                     context: Optional[dict] = None,
+                     compare_keys: Optional[Sequence[str]] = None) -> None:
     from rich.table import Table
+
+    from .significance import METHOD_NOTE
     entries = _entries(records)
     columns = list(columns or default_columns(entries))
     table = Table(title=title)
@@ -278,6 +363,20 @@ def print_comparison(records: Sequence[dict],
         table.add_row(*row)
     out = console()
     out.print(table)
+    against = _against(entries)
+    rows = list(_diff_rows(entries, compare_keys or
+                           default_compare_keys(columns), against))
+    if rows:
+        diff = Table(title='paired differences (mean over common seeds)',
+                     caption=METHOD_NOTE)
+        for h in _DIFF_HEADER + [f'Δ vs {a} [95 % CI]' for a in against]:
+            diff.add_column(h)
+        colors = {'better': 'green', 'worse': 'red'}
+        for row in rows:
+            diff.add_row(*row[:2], *[
+                next((f'[{c}]{cell}[/{c}]' for v, c in colors.items()
+                      if cell.endswith(v)), cell) for cell in row[2:]])
+        out.print(diff)
     if context:
         runs = Table(title='runs', title_justify='left')
         for i, h in enumerate(_RUN_HEADER):
@@ -295,6 +394,11 @@ def print_metrics(record: dict, title: str = 'metrics') -> None:
     table = Table(title=title)
     table.add_column('metric')
     table.add_column('value', justify='right')
-    for key, value in record.get('metrics', {}).items():
-        table.add_row(key, _fmt(value, key))
+    metrics = record.get('metrics', {})
+    for key, value in metrics.items():
+        if not _scalar(value):
+            continue
+        ci = metrics.get(f'{key}_ci95')
+        table.add_row(key, _fmt(value, key) + (
+            f' [{_fmt(ci[0], key)}, {_fmt(ci[1], key)}]' if ci else ''))
     console().print(table)
