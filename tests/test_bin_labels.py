@@ -452,3 +452,36 @@ def test_real_sets_with_labels_as_one_test_set(tmp_path):
     assert ((labels[p[:, 0]] == labels[p[:, 1]]) == ver['lfw']['issame']
             ).all()
     assert default_labels_path(lfw) == lfw + '.labels.tsv'
+
+
+def test_labelled_bin_is_scored_over_all_distinct_pairs(tmp_path):
+    """With a sidecar, the metric's TAR rests on every pair of the set's
+    distinct photos (5 photos of 3 identities: 2 positive, 8 negative
+    pairs), not on the 4 listed pairs, and its intervals resample the
+    identities."""
+    import torch
+
+    from kdzoo.evaluation import FaceVerificationMetric
+    out, _ = make_set(tmp_path)
+    ds = InsightFaceBinDataset(out)
+    ver = ds.metainfo['verification']['t']
+    rng = np.random.default_rng(0)
+    photo = rng.normal(size=(5, 8))  # one embedding per distinct photo
+    metric = FaceVerificationMetric(fars=(0.1, ), min_false_accepts=1,
+                                    bootstrap=50, num_folds=2)
+    metric.dataset_meta = ds.metainfo
+    metric.process(None, [dict(index=i, embedding=torch.from_numpy(
+        photo[ver['image_ids'][i]].astype(np.float32)))
+        for i in range(len(ds))])
+    res = metric.evaluate(len(ds))
+    assert res['t/num_positives'] == 2 and res['t/num_negatives'] == 8
+    assert metric.bootstrap_info['t']['unit'] == 'identity'
+    assert metric.bootstrap_info['t']['count'] == 3
+    # brute force over the 10 pairs of distinct photos
+    x = photo / np.linalg.norm(photo, axis=1, keepdims=True)
+    ident = np.array([0, 0, 1, 1, 2])  # a1 a2 b1 b2 c1 (image_ids order)
+    i, j = np.triu_indices(5, 1)
+    from kdzoo.evaluation import roc_auc
+    ref = roc_auc(np.sum(x[i] * x[j], 1), ident[i] == ident[j])
+    assert res['t/roc_auc'] == pytest.approx(ref, abs=1e-4)  # 2^-15 bins
+    assert 't/TAR@FAR=1e-1' not in res  # all-pairs sets: FAR <= 1e-2
