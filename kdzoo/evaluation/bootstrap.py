@@ -140,37 +140,47 @@ def bootstrap_kfold_accuracy(dist: np.ndarray, issame: np.ndarray,
     weighted accuracy of the other folds (first on ties, as
     :func:`kdzoo.evaluation.verification.verification_accuracy`), then the
     weighted accuracy of the fold; folds averaged (a fold with no weight
-    in a replicate is left out of that replicate's mean)."""
+    in a replicate is left out of that replicate's mean).
+
+    Pairs are binned by the threshold grid once (bin = number of
+    thresholds <= dist: a pair is below threshold k iff its bin <= k), so
+    each replicate works on (folds x bins) weight sums, not on pairs."""
     dist = np.asarray(dist, dtype=np.float64)
     issame = np.asarray(issame, bool)
     pw = np.asarray(pair_weights, dtype=np.float64)
     thresholds = (np.arange(0, 4, 0.01) if thresholds is None else
                   np.asarray(thresholds, dtype=np.float64))
-    reps = len(pw)
+    reps, nb = len(pw), len(thresholds) + 1
+    bins = np.searchsorted(thresholds, dist, side='right')
+    folds = kfold_indices(len(dist), num_folds)
+    # hist[f, same, r, b]: weight of fold f's pairs (same / not) in bin b
+    hist = np.zeros((len(folds), 2, reps, nb))
+    for f, (_, test) in enumerate(folds):
+        for same in (0, 1):
+            idx = test[issame[test] == bool(same)]
+            if len(idx) == 0:
+                continue
+            idx = idx[np.argsort(bins[idx], kind='stable')]
+            b = bins[idx]
+            starts = np.flatnonzero(np.r_[True, b[1:] != b[:-1]])
+            hist[f, same][:, b[starts]] = np.add.reduceat(
+                pw[:, idx], starts, axis=1)
+    total = hist.sum(0)
+    rows = np.arange(reps)
     acc_sum = np.zeros(reps)
     acc_n = np.zeros(reps)
-    for train, test in kfold_indices(len(dist), num_folds):
-        # correct(t) = weight of positives with dist < t + negatives >= t
-        order = np.argsort(dist[train], kind='stable')
-        d_sorted = dist[train][order]
-        cut = np.searchsorted(d_sorted, thresholds, side='left')
-        same_sorted = issame[train][order]
-        best = np.empty(reps)
-        for sl in _chunks(reps, len(train)):
-            wtr = pw[sl][:, train][:, order]
-            pos_cum = np.concatenate(
-                [np.zeros((len(wtr), 1)),
-                 np.cumsum(wtr * same_sorted, axis=1)], 1)
-            neg_cum = np.concatenate(
-                [np.zeros((len(wtr), 1)),
-                 np.cumsum(wtr * ~same_sorted, axis=1)], 1)
-            correct = pos_cum[:, cut] + (neg_cum[:, -1:] - neg_cum[:, cut])
-            best[sl] = thresholds[np.argmax(correct, axis=1)]
-        wte = pw[:, test]
-        ok = (dist[test][None, :] < best[:, None]) == issame[test][None, :]
-        wsum = wte.sum(1)
+    for f in range(len(folds)):
+        train = total - hist[f]
+        below_pos = np.cumsum(train[1], axis=1)  # same, dist < t_k
+        below_neg = np.cumsum(train[0], axis=1)
+        correct = below_pos + (below_neg[:, -1:] - below_neg)
+        k = np.argmax(correct[:, :nb - 1], axis=1)  # first best threshold
+        t_pos = np.cumsum(hist[f, 1], axis=1)
+        t_neg = np.cumsum(hist[f, 0], axis=1)
+        wsum = t_pos[:, -1] + t_neg[:, -1]
+        right = t_pos[rows, k] + (t_neg[:, -1] - t_neg[rows, k])
         has = wsum > 0
-        acc_sum[has] += np.sum(wte * ok, axis=1)[has] / wsum[has]
+        acc_sum[has] += right[has] / wsum[has]
         acc_n[has] += 1
     return np.where(acc_n > 0, acc_sum / np.maximum(acc_n, 1), np.nan)
 
@@ -226,5 +236,7 @@ def pair_weights_from_identities(weights: np.ndarray, ids_a: np.ndarray,
                                  ids_b: np.ndarray) -> np.ndarray:
     """(R, P) weights of pairs of identities (compact ids): ``w_a`` for a
     same-identity pair, ``w_a * w_b`` otherwise."""
-    wa = weights[:, ids_a]
-    return np.where(ids_a == ids_b, wa, wa * weights[:, ids_b])
+    wt = np.ascontiguousarray(np.asarray(weights, np.float64).T)  # (U, R)
+    wa = wt[ids_a]  # row gathers: far faster than column gathers
+    out = np.where((ids_a == ids_b)[:, None], wa, wa * wt[ids_b])
+    return out.T  # (R, P), column-major
