@@ -24,6 +24,7 @@ from PIL import Image
 from kdzoo.registry import DATASETS
 from kdzoo.datasets.dataset_args import build_pipeline, parse_image_size
 from kdzoo.utils.errors import ConfigError, DataError
+from kdzoo.utils.fileio import file_sha256
 
 __all__ = ['InsightFaceBinDataset', 'InsightFaceBinSets', 'load_bin_pairs',
            'default_labels_path', 'read_bin_labels', 'bin_label_arrays',
@@ -132,15 +133,6 @@ def default_labels_path(bin_path: str) -> str:
     """The sidecar a ``.bin`` is read with by default: ``X.bin`` ->
     ``X.bin.labels.tsv`` in the same folder."""
     return os.fspath(bin_path) + LABELS_SUFFIX
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_bin_labels(path: str, bin_path: Optional[str] = None,

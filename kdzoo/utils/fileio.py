@@ -104,3 +104,13 @@ def atomic_output_files(*paths: str) -> Iterator[List[BinaryIO]]:
         for tmp in temps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes (read in 4 MiB blocks)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 22), b''):
+            h.update(block)
+    return h.hexdigest()

@@ -65,7 +65,8 @@ from mmengine.logging import print_log
 
 from kdzoo.registry import DATASETS, TRANSFORMS
 from kdzoo.utils.errors import ConfigError, did_you_mean
-from kdzoo.utils.fileio import atomic_write_bytes, kdzoo_cache_dir
+from kdzoo.utils.fileio import (atomic_write_bytes, file_sha256,
+                                 kdzoo_cache_dir)
 
 from .generate import generate_split, split_layout
 from .identities import NUISANCE_KEYS, normalize_difficulty
@@ -95,14 +96,6 @@ def _share(path: str) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 22), b''):
-            h.update(block)
-    return h.hexdigest()
 
 
 @DATASETS.register_module()
@@ -339,7 +332,7 @@ class SynthFaceAge(BaseDataset):
                     if not np.array_equal(meta[key], layout[key]):
                         raise ValueError(f'{key} differs')
                 digest = str(meta['images_sha256'])
-            if _sha256_file(npy) != digest:
+            if file_sha256(npy) != digest:
                 raise ValueError('image checksum mismatch')
             images = np.load(npy, mmap_mode='r')
             shape = (len(layout['uid']), self.image_size, self.image_size, 3)
@@ -370,7 +363,7 @@ class SynthFaceAge(BaseDataset):
             del mm
             with open(tmp, 'rb+') as f:
                 os.fsync(f.fileno())
-            digest = _sha256_file(tmp)
+            digest = file_sha256(tmp)
             _share(tmp)
             os.replace(tmp, npy)
         except BaseException:
