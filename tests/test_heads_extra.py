@@ -276,14 +276,36 @@ def test_magface_gradients_flow():
     assert torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
     assert torch.isfinite(head.weight.grad).all()
     assert head.weight.grad.abs().sum() > 0
-    # the CE alone reaches the norm through m(a) (not detached)
-    emb2 = emb.detach().clone().requires_grad_(True)
+    # the CE alone reaches the norm through m(a) (not detached). Scaling
+    # an embedding changes no cosine, only a: the radial component of the
+    # CE gradient is dCE/da = dCE/dm * m'(a) (zero were a detached), here
+    # checked against a central difference along the embedding in float64.
+    # Each embedding lies halfway between its target centre and the next
+    # class's: both cosines equal, so the margin leaves the target behind
+    # (p_y < 1/2) and dCE/dm is O(s), not the rounding noise of a
+    # saturated softmax (p_y = 1 - 1e-25 at cos_y = 1).
+    head64 = MagFace(num_classes=5, embedding_size=8).double()
     y = torch.arange(6) % 5
-    with torch.no_grad():
-        emb2.copy_(head.weight[y] * 50)  # cos_y = 1 > 0: margin active
-    head.loss(emb2, y)['loss_cls'].backward()
-    radial = (emb2.grad * emb2.detach()).sum(1)
-    assert (radial.abs() > 0).all()
+    w = F.normalize(head64.weight.detach(), dim=1)
+    direction = F.normalize(w[y] + w[(y + 1) % 5], dim=1)
+    norms = torch.linspace(30.0, 90.0, 6, dtype=torch.float64)  # in [l_a, u_a]
+    emb2 = (direction * norms[:, None]).requires_grad_(True)
+    assert (head64.cosine(emb2.detach()).gather(1, y[:, None]) > 0).all()
+    head64.loss(emb2, y)['loss_cls'].backward()
+    radial = (emb2.grad * direction).sum(1)
+
+    def loss_with_row_scaled(i, scale):
+        e = emb2.detach().clone()
+        e[i] *= scale
+        with torch.no_grad():
+            return head64.loss(e, y)['loss_cls'].item()
+    delta = 1e-6
+    for i in range(6):
+        # float64 rounding: ~eps64 * CE / (delta * |e|) ~ 1e-10 << 3e-2
+        fd = (loss_with_row_scaled(i, 1 + delta) -
+              loss_with_row_scaled(i, 1 - delta)) / (2 * delta * norms[i])
+        assert radial[i].item() == pytest.approx(fd.item(), rel=1e-6)
+        assert abs(radial[i].item()) > 1e-2
 
 
 # ============================================================== PartialFC
