@@ -347,6 +347,8 @@ def build_parser():
 
 
 def main(argv=None):
+    from kdzoo.utils.allocator import tune_allocator
+    tune_allocator()  # before the first tensor; KDZOO_MALLOC_TUNING=0: off
     import kdzoo  # noqa: F401  (registers everything)
     parser = build_parser()
     args = parser.parse_args(argv)

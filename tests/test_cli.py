@@ -7,6 +7,7 @@ so each takes a few seconds on a 2-core CPU.
 import io
 import json
 import os
+import platform
 import pickle
 import textwrap
 
@@ -95,6 +96,11 @@ def test_train_student_writes_results_and_exports(tmp_path, cache_dir,
     assert record['cpu_model'] == cpu_description()
     assert record['cpu_capability'] == cpu_capability()
     assert record['num_threads'] == torch.get_num_threads()
+    # main() tuned malloc where it can (kdzoo/utils/allocator.py)
+    assert record['malloc_tuning'] is (
+        platform.libc_ver()[0] == 'glibc'
+        and os.environ.get('KDZOO_MALLOC_TUNING', '1') != '0'
+        and 'malloc' not in os.environ.get('GLIBC_TUNABLES', ''))
     if not torch.cuda.is_available():
         assert record['device'].startswith(f'cpu ({cpu_description()}, ')
 

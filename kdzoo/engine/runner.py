@@ -17,6 +17,7 @@ from mmengine.runner import EpochBasedTrainLoop, Runner
 
 from kdzoo.utils import ConfigError, atomic_write_json, load_module_weights
 from kdzoo.utils.fileio import atomic_write_bytes
+from kdzoo.utils.allocator import malloc_tuning
 from kdzoo.utils.environment import (cpu_capability, cpu_description,
                                      software_versions)
 from .checkpoint import find_resume_checkpoint, runner_checkpoint_policy
@@ -261,7 +262,8 @@ def _environment() -> dict:
             parts.append(capability)
         device = f"cpu ({', '.join(parts)})"
     return dict(device=device, cpu_model=model, cpu_capability=capability,
-                num_threads=torch.get_num_threads(), **software_versions())
+                num_threads=torch.get_num_threads(),
+                malloc_tuning=malloc_tuning(), **software_versions())
 
 
 def train_recipe(cfg: Config, resume: bool = False,

@@ -195,6 +195,7 @@ def reproduction_context(records: Sequence[dict], **extra) -> dict:
         cpu_model=_unique(r.get('cpu_model') for r in records),
         cpu_capability=_unique(r.get('cpu_capability') for r in records),
         num_threads=_unique(r.get('num_threads') for r in records),
+        malloc_tuning=_unique(r.get('malloc_tuning') for r in records),
         versions={k: _unique(r.get(k) for r in records)
                   for k in ('torch', 'mmengine', 'kdzoo', 'python')},
         batch_size=_unique(r.get('batch_size') for r in records),
