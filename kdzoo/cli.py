@@ -359,6 +359,9 @@ def main(argv=None):
     try:
         args.func(args)
     except KdzooError as e:
+        if args.verbose and e.__cause__ is not None:
+            import traceback
+            traceback.print_exception(e.__cause__)
         print(f'kdzoo {args.command}: error: {_one_line(e)}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -167,6 +167,44 @@ def test_unknown_loss_type_in_kd_recipe(tmp_path, capsys):
                    "'AngularDistillationLoss'")
 
 
+def test_empty_scheduler_phase_names_the_key(tmp_path, capsys):
+    # a recipe whose cosine phase begins where the 1-epoch run ends
+    recipe = tmp_path / 'one_epoch.py'
+    recipe.write_text(textwrap.dedent(f"""
+        _base_ = [{os.path.abspath(STUDENT)!r}]
+        param_scheduler = [
+            dict(type='LinearLR', start_factor=0.1, by_epoch=True, begin=0,
+                 end=1, convert_to_iter_based=True),
+            dict(type='CosineAnnealingLR', by_epoch=True, begin=1, end=1,
+                 convert_to_iter_based=True)]
+        train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=1)
+    """))
+    work = tmp_path / 'work'
+    assert main(['train', str(recipe), '--work-dir', str(work)]) == 2
+    one_line_error(capsys, 'param_scheduler[1] (CosineAnnealingLR)',
+                   'begin=1 and end=1', 'train_cfg.max_epochs=1')
+    assert not work.exists()
+
+
+def test_mmengine_build_error_names_the_key_and_leaves_nothing(
+        tmp_path, cache_dir, capsys):
+    # mmengine raises this while the runner builds its schedulers, after
+    # the work dir and its log dir were made
+    work = tmp_path / 'work'
+    rc = main(['train', STUDENT, '--work-dir', str(work), '--cfg-options',
+               'param_scheduler.0.start_factor=2'] + tiny(cache_dir))
+    assert rc == 2
+    one_line_error(capsys, 'param_scheduler: cannot be built: ValueError',
+                   'Starting multiplicative factor', '--cfg-options')
+    assert not work.exists()
+    # in a work dir that held something before, only this run's additions go
+    work.mkdir()
+    (work / 'notes.txt').write_text('kept')
+    assert main(['train', STUDENT, '--work-dir', str(work), '--cfg-options',
+                 'param_scheduler.0.start_factor=2'] + tiny(cache_dir)) == 2
+    assert os.listdir(work) == ['notes.txt']
+
+
 def test_missing_recipe(tmp_path, capsys):
     missing = str(tmp_path / 'no_such_recipe.py')
     assert main(['train', missing]) == 2

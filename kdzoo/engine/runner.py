@@ -1,5 +1,7 @@
 """Runner glue: build an mmengine runner from a recipe, train, test, record."""
+import contextlib
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -15,7 +17,8 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import MODEL_WRAPPERS
 from mmengine.runner import EpochBasedTrainLoop, Runner
 
-from kdzoo.utils import ConfigError, atomic_write_json, load_module_weights
+from kdzoo.utils import (ConfigError, KdzooError, atomic_write_json,
+                         load_module_weights)
 from kdzoo.utils.fileio import atomic_write_bytes
 from kdzoo.utils.allocator import malloc_tuning
 from kdzoo.utils.environment import (cpu_capability, cpu_description,
@@ -36,6 +39,27 @@ _BENIGN = ('"FileClient" will be deprecated',
 class _DropBenign(logging.Filter):
     def filter(self, record):
         return not any(b in record.getMessage() for b in _BENIGN)
+
+
+def _names_key(key: str):
+    """A runner build step whose mmengine error (e.g. ``ValueError: end
+    should be larger than begin``) becomes a one-line ``ConfigError``
+    naming the recipe key; kdzoo's own errors pass through."""
+    def wrap(method):
+        @functools.wraps(method)
+        def build(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except KdzooError:
+                raise
+            except (ValueError, TypeError, KeyError, AssertionError) as e:
+                raise ConfigError(
+                    f'{key}: cannot be built: {type(e).__name__}: '
+                    f'{str(e).strip().rstrip(".") or repr(e)}. Fix {key} in the recipe '
+                    'or with --cfg-options (kdzoo -v ... shows the '
+                    'traceback)') from e
+        return build
+    return wrap
 
 
 class KdzooRunner(Runner):
@@ -94,12 +118,28 @@ class KdzooRunner(Runner):
         cfg.setdefault('type', 'MMDistributedDataParallel')
         return MODEL_WRAPPERS.build(cfg, default_args=dict(module=model))
 
+    @_names_key('train_cfg / train_dataloader')
     def build_train_loop(self, loop):
         # exact mid-epoch resume; otherwise the same as mmengine's loop
         if isinstance(loop, dict) and loop.get('type') in (
                 'EpochBasedTrainLoop', EpochBasedTrainLoop):
             loop = dict(loop, type=ResumableEpochBasedTrainLoop)
         return super().build_train_loop(loop)
+
+    # the other build steps mmengine runs from the recipe, each named by
+    # the key it reads
+    build_val_loop = _names_key('val_cfg / val_dataloader / val_evaluator')(
+        Runner.build_val_loop)
+    build_test_loop = _names_key(
+        'test_cfg / test_dataloader / test_evaluator')(Runner.build_test_loop)
+    build_optim_wrapper = _names_key('optim_wrapper')(
+        Runner.build_optim_wrapper)
+    build_param_scheduler = _names_key('param_scheduler')(
+        Runner.build_param_scheduler)
+    build_model = _names_key('model')(Runner.build_model)
+    build_log_processor = _names_key('log_processor')(
+        Runner.build_log_processor)
+    build_visualizer = _names_key('visualizer')(Runner.build_visualizer)
 
     def _init_model_weights(self):
         # mmengine broadcasts every state tensor from rank 0 after
@@ -266,6 +306,33 @@ def _environment() -> dict:
                 malloc_tuning=malloc_tuning(), **software_versions())
 
 
+@contextlib.contextmanager
+def _no_trace_of_a_failed_build(cfg: Config, runners: list):
+    """A recipe that fails before its first iteration (a runner build step,
+    a hook's ``before_run``) leaves nothing behind: the work dir when this
+    call made it, else what this call added to it. ``runners`` holds the
+    runner once built; a run that trained (or resumed) keeps its files."""
+    work_dir = os.path.abspath(cfg.work_dir)
+    existed = os.path.isdir(work_dir)
+    before = set(os.listdir(work_dir)) if existed else set()
+    try:
+        yield
+    except KdzooError:
+        if runners and runners[0].iter > 0:
+            raise
+        import shutil
+        if not existed:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        elif is_main_process():
+            for name in set(os.listdir(work_dir)) - before:
+                path = os.path.join(work_dir, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+        raise
+
+
 def train_recipe(cfg: Config, resume: bool = False,
                  run_test: bool = True) -> dict:
     """Train (and test) the recipe; write ``results.json`` in the work dir."""
@@ -274,8 +341,11 @@ def train_recipe(cfg: Config, resume: bool = False,
         cfg.resume = ckpt is not None
         cfg.load_from = ckpt
     t0 = time.time()
-    runner = KdzooRunner.from_cfg(cfg)
-    runner.train()
+    runners = []
+    with _no_trace_of_a_failed_build(cfg, runners):
+        runners.append(KdzooRunner.from_cfg(cfg))
+        runners[0].train()
+    runner = runners[0]
     train_time = time.time() - t0
     metrics, test_time, outputs = {}, 0.0, None
     if run_test and cfg.get('test_dataloader'):

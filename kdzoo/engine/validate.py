@@ -132,10 +132,32 @@ def validate_config(cfg: Config, source: str = 'recipe') -> None:
             check_registered_config(sched, PARAM_SCHEDULERS,
                                     f'param_scheduler[{i}]',
                                     check_args=False)
+    _check_scheduler_windows(cfg)
     _check_optim_wrapper(cfg.get('optim_wrapper'))
     load_from = cfg.get('load_from')
     if load_from and not os.path.isfile(load_from):
         raise ConfigError(f'load_from: file not found: {load_from!r}')
+
+
+def _check_scheduler_windows(cfg: Config) -> None:
+    """Every epoch-based scheduler phase spans at least one epoch of the
+    run (mmengine would stop at runner build with ``end should be larger
+    than begin``, in iterations, naming no key)."""
+    schedulers = cfg.get('param_scheduler') or []
+    epochs = (cfg.get('train_cfg') or {}).get('max_epochs')
+    for i, sched in enumerate(schedulers if isinstance(schedulers, list)
+                              else [schedulers]):
+        if not isinstance(sched, dict) or not sched.get('by_epoch', True):
+            continue
+        begin, end = sched.get('begin', 0), sched.get('end')
+        if not all(isinstance(v, (int, float)) for v in (begin, end)):
+            continue
+        kind = sched.get('type', 'scheduler')
+        if end <= begin:
+            raise ConfigError(
+                f'param_scheduler[{i}] ({kind}): begin={begin} and end={end} '
+                f'leave no epoch (train_cfg.max_epochs={epochs}); set '
+                f'param_scheduler[{i}].end above its begin, or drop the phase')
 
 
 def _check_optim_wrapper(wrapper) -> None:
