@@ -24,6 +24,7 @@ from kdzoo.utils.allocator import malloc_tuning
 from kdzoo.utils.environment import (cpu_capability, cpu_description,
                                      software_versions)
 from .checkpoint import find_resume_checkpoint, runner_checkpoint_policy
+from .visualization import default_visualizer, log_test_metrics
 from .exact_resume import ResumableEpochBasedTrainLoop, RngStateHook
 from .sharded_heads import (ShardedHeadCheckpointHook, gather_sharded_state,
                             sharded_params)
@@ -139,7 +140,15 @@ class KdzooRunner(Runner):
     build_model = _names_key('model')(Runner.build_model)
     build_log_processor = _names_key('log_processor')(
         Runner.build_log_processor)
-    build_visualizer = _names_key('visualizer')(Runner.build_visualizer)
+
+    @_names_key('visualizer')
+    def build_visualizer(self, visualizer=None):
+        # no visualizer in the recipe: JSON scalars, plus TensorBoard as the
+        # recipe's `tensorboard` key says (kdzoo.engine.visualization)
+        if visualizer is None:
+            visualizer = default_visualizer(self.cfg.get('tensorboard',
+                                                         'auto'))
+        return super().build_visualizer(visualizer)
 
     def _init_model_weights(self):
         # mmengine broadcasts every state tensor from rank 0 after
@@ -463,4 +472,6 @@ def write_results(runner, cfg, metrics, train_time, test_time,
                                         for k, v in samples.items()})
             atomic_write_bytes(bootstrap_file(path), buf.getvalue())
         atomic_write_json(path, record)
+        if outputs is not None:
+            log_test_metrics(runner, record['metrics'])
     return record

@@ -15,5 +15,9 @@ default_hooks = dict(
 )
 custom_hooks = [dict(type='RichProgressHook'), dict(type='ExportStudentHook')]
 log_processor = dict(window_size=20, by_epoch=True)
+# TensorBoard event files beside vis_data/scalars.json when the tensorboard
+# package is installed (pip install 'kdzoo[tensorboard]'); True requires it,
+# False turns it off. kdzoo/engine/visualization.py says what is written.
+tensorboard = 'auto'
 load_from = None
 resume = False
