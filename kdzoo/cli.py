@@ -92,7 +92,7 @@ def cmd_compare(args):
     from kdzoo.engine.suite import run_suite
     run_suite(args.suite, work_dir=args.work_dir, force=args.force,
               cfg_options=_parse_cfg_options(args.cfg_options),
-              seeds=args.seeds)
+              seeds=args.seeds, jobs=args.jobs, threads=args.threads)
 
 
 def _pack_labels(args):
@@ -279,6 +279,12 @@ def build_parser():
                    'are trained once and shared by all seeds')
     p.add_argument('--cfg-options', nargs='+', metavar='KEY=VALUE',
                    help='overrides applied to every run of the suite')
+    p.add_argument('--jobs', type=int, default=1, metavar='N',
+                   help='train up to N independent runs at once, each in '
+                   'its own process (default 1: one after another here)')
+    p.add_argument('--threads', type=int, metavar='T',
+                   help='torch threads per run (default: this machine\'s '
+                   'threads divided by --jobs); CPU digits depend on it')
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser('pack', help='write InsightFace data files: a '

@@ -15,6 +15,7 @@ import pytest
 
 import kdzoo  # noqa: F401
 import kdzoo.engine.suite as suite_mod
+import kdzoo.engine.suite_jobs as jobs_mod
 from kdzoo.cli import main
 from kdzoo.evaluation.plots import write_comparison_plot
 from kdzoo.evaluation.report import aggregate, comparison_markdown
@@ -69,13 +70,13 @@ def test_two_seeds_mean_std_curves_context_plot_reuse(tmp_path, monkeypatch,
         ''')
     work = str(tmp_path / 'work')
     calls = []
-    real_train = suite_mod.train_recipe
+    real_train = jobs_mod.train_recipe
 
     def counting_train(cfg, *a, **k):
         calls.append((cfg.experiment_name, cfg.randomness.seed, cfg.work_dir))
         return real_train(cfg, *a, **k)
 
-    monkeypatch.setattr(suite_mod, 'train_recipe', counting_train)
+    monkeypatch.setattr(jobs_mod, 'train_recipe', counting_train)
     args = ['compare', suite, '--work-dir', work, '--seeds', '2',
             '--cfg-options'] + tiny(cache)
     assert main(args) == 0
@@ -163,7 +164,8 @@ def test_two_seeds_mean_std_curves_context_plot_reuse(tmp_path, monkeypatch,
     def no_training(*a, **k):
         raise AssertionError('nothing should be trained or re-tested')
 
-    monkeypatch.setattr(suite_mod, 'train_recipe', no_training)
+    monkeypatch.setattr(jobs_mod, 'train_recipe', no_training)
+    monkeypatch.setattr(jobs_mod, 'test_recipe', no_training)
     monkeypatch.setattr(suite_mod, 'test_recipe', no_training)
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -208,7 +210,7 @@ KD_SUITE = f'''
 def test_seeded_dependencies_and_run_dirs(tmp_path, monkeypatch,
                                           teacher_seeds):
     calls = []
-    monkeypatch.setattr(suite_mod, 'train_recipe',
+    monkeypatch.setattr(jobs_mod, 'train_recipe',
                         lambda cfg: calls.append(fake_record(cfg)) or
                         dict(calls[-1]))
     src = KD_SUITE.replace(', seeds=TS', '' if teacher_seeds is None else
@@ -247,7 +249,7 @@ def test_seeded_dependencies_and_run_dirs(tmp_path, monkeypatch,
 
 def test_rerun_with_stub_trains_nothing(tmp_path, monkeypatch):
     n = []
-    monkeypatch.setattr(suite_mod, 'train_recipe',
+    monkeypatch.setattr(jobs_mod, 'train_recipe',
                         lambda cfg: n.append(1) or fake_record(cfg))
     suite = write_suite(tmp_path / 's.py', KD_SUITE.replace(', seeds=TS', ''))
     work = str(tmp_path / 'w')
@@ -266,7 +268,7 @@ def test_old_results_are_evaluated_again(tmp_path, monkeypatch):
     """A finished run from before the current evaluation (no curves, no
     intervals: no eval_version) is tested again (not retrained); the next
     call reuses it as is."""
-    monkeypatch.setattr(suite_mod, 'train_recipe',
+    monkeypatch.setattr(jobs_mod, 'train_recipe',
                         lambda cfg: {k: v for k, v in fake_record(cfg).items()
                                      if k != 'curves'})
     tested = []
@@ -555,10 +557,10 @@ def test_run_without_training_data_is_only_tested(tmp_path, monkeypatch):
     """A pretrained model's reference row (recipe without train_dataloader)
     is evaluated with test_recipe, never trained."""
     trained, tested = [], []
-    monkeypatch.setattr(suite_mod, 'train_recipe',
+    monkeypatch.setattr(jobs_mod, 'train_recipe',
                         lambda cfg: trained.append(cfg.experiment_name) or
                         fake_record(cfg))
-    monkeypatch.setattr(suite_mod, 'test_recipe',
+    monkeypatch.setattr(jobs_mod, 'test_recipe',
                         lambda cfg: tested.append(cfg.experiment_name) or
                         dict(fake_record(cfg), train_time_s=0.0))
     eval_only = tmp_path / 'eval_only.py'

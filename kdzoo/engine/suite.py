@@ -128,10 +128,15 @@ def _sets_seed(options: dict) -> bool:
 
 def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
               cfg_options: Optional[dict] = None,
-              seeds: Optional[int] = None) -> List[dict]:
+              seeds: Optional[int] = None, jobs: int = 1,
+              threads: Optional[int] = None) -> List[dict]:
     """Train what is missing, test everything, write and print the table.
 
-    Returns every run's record (one per run and seed, in suite order).
+    ``jobs`` > 1 trains independent runs in that many processes at once
+    (:mod:`kdzoo.engine.suite_jobs`), each with ``threads`` torch threads
+    (default: this process's threads divided by ``jobs``); ``threads`` with
+    ``jobs=1`` sets the thread count of the sequential runs. Returns every
+    run's record (one per run and seed, in suite order).
     """
     from kdzoo.evaluation.report import (aggregate, comparison_markdown,
                                          default_columns,
@@ -139,11 +144,13 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
                                          print_comparison,
                                          reproduction_context)
     from kdzoo.evaluation.significance import METHOD_NOTE, add_intervals
+    from .suite_jobs import check_jobs, run_tasks
     suite = load_suite(path)
     baseline, reference = _comparison_runs(suite, path)  # before training
     num_seeds = _num_seeds(seeds if seeds is not None else
                            suite.get('seeds', 1),
                            '--seeds' if seeds is not None else path)
+    jobs, threads = check_jobs(jobs, threads)
     seed_list = list(range(num_seeds))
     if num_seeds > 1 and _sets_seed(cfg_options or {}):
         raise ConfigError(f'--cfg-options sets {_SEED_KEY} but --seeds '
@@ -152,58 +159,21 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     work_dir = work_dir or suite.get('work_dir') or os.path.join(
         'work_dirs', os.path.splitext(os.path.basename(path))[0])
     t_start = time.time()
-    # name -> {seed: dir/hash}; seed None: a run trained once
-    run_dirs: Dict[str, dict] = {}
-    run_hashes: Dict[str, dict] = {}
-    records, reused = [], []
-    for run in suite['runs']:
-        name = run['name']
-        role = run.get('role', 'student')
-        repeated = num_seeds > 1 and run.get('seeds', role != 'teacher')
-        if repeated and _sets_seed(dict(run.get('cfg_options') or {})):
-            raise ConfigError(
-                f'{path}: run {name!r} sets {_SEED_KEY} in its cfg_options '
-                f'but is repeated over --seeds {num_seeds}; give it '
-                'seeds=False or drop the seed override')
-        dirs_by_seed, hashes_by_seed = {}, {}
-        for seed in (seed_list if repeated else [None]):
-            run_dir = os.path.join(work_dir, name) if not seed else \
-                os.path.join(work_dir, name, f'seed{seed}')
-            deps = set()
-            options = dict(cfg_options or {})
-            options.update(_substitute(
-                dict(run.get('cfg_options') or {}),
-                {n: _for_seed(d, seed) for n, d in run_dirs.items()},
-                f'{path}: run {name!r}', deps))
-            if seed is not None:
-                options[_SEED_KEY] = seed
-            cfg = load_recipe(_resolve_recipe(run['recipe'], path), options,
-                              run_dir)
-            cfg.experiment_name = name
-            run_hash = hashlib.sha256(
-                (config_hash(cfg) + ''.join(
-                    _for_seed(run_hashes[d], seed) for d in sorted(deps)))
-                .encode()).hexdigest()
-            record = None if force else _finished(run_dir, run_hash)
-            tag = name if seed is None else f'{name} seed {seed}'
-            if record is None:
-                # a recipe without training data is evaluated as it is
-                # (a pretrained teacher's reference row)
-                record = train_recipe(cfg) if cfg.get('train_dataloader') \
-                    else test_recipe(cfg)
-                record['run_hash'] = run_hash
-                record['recipe'] = run['recipe']
-                record['role'] = role
-                atomic_write_json(os.path.join(run_dir, 'results.json'),
-                                  record)
-            else:
-                print(f'[{tag}] reusing finished run ({run_dir})')
-                reused.append(run_dir)
-                if record.get('eval_version') != EVAL_VERSION:
-                    record = _evaluate_again(cfg, record, run_dir, tag)
-            dirs_by_seed[seed], hashes_by_seed[seed] = run_dir, run_hash
-            records.append(record)
-        run_dirs[name], run_hashes[name] = dirs_by_seed, hashes_by_seed
+    # every run and seed, planned before any is trained: its resolved
+    # config, content hash and the runs it reads (all known up front)
+    tasks = _plan(suite, path, work_dir, force, cfg_options, num_seeds,
+                  seed_list)
+    reused = [t['run_dir'] for t in tasks if t['record'] is not None]
+    for task in tasks:
+        if task['record'] is not None:
+            print(f'[{task["tag"]}] reusing finished run ({task["run_dir"]})')
+            if task['record'].get('eval_version') != EVAL_VERSION:
+                task['record'] = _evaluate_again(
+                    task['cfg'], task['record'], task['run_dir'], task['tag'])
+    run_tasks([t for t in tasks if t['record'] is None], jobs, threads)
+    records = [t['record'] for t in tasks]
+    parallel = dict(jobs=jobs, threads_per_run=threads) if (
+        jobs > 1 or threads) else {}
 
     if num_seeds == 1:  # the recipes' own seeds (randomness.seed)
         seed_list = sorted({r.get('seed') for r in records}, key=str)
@@ -223,7 +193,8 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
                      'seeds=False: one run (their recipe seed), shared by '
                      'every seed') if num_seeds > 1 else 'one seed',
         wall_time_s=round(time.time() - t_start, 1), reused=reused,
-        baseline=baseline, reference=reference, intervals=METHOD_NOTE)
+        baseline=baseline, reference=reference, intervals=METHOD_NOTE,
+        **parallel)
     png = os.path.join(work_dir, 'comparison.png')
     summary = dict(suite=path, work_dir=work_dir,
                    wall_time_s=context['wall_time_s'], seeds=seed_list,
@@ -246,12 +217,69 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     return records
 
 
+def _plan(suite: Config, path: str, work_dir: str, force: bool,
+          cfg_options: Optional[dict], num_seeds: int,
+          seed_list: List[int]) -> List[dict]:
+    """One task per run and seed, in suite order: ``key`` (name, seed),
+    ``tag``, ``run_dir``, ``recipe`` (resolved path), ``options``,
+    ``cfg``, ``run_hash``, ``deps`` (keys of the tasks whose outputs it
+    reads), ``role``, ``recipe_label`` and ``record`` (the finished run's,
+    or None: to be trained)."""
+    # name -> {seed: dir/hash}; seed None: a run trained once
+    run_dirs: Dict[str, dict] = {}
+    run_hashes: Dict[str, dict] = {}
+    tasks = []
+    for run in suite['runs']:
+        name = run['name']
+        role = run.get('role', 'student')
+        repeated = num_seeds > 1 and run.get('seeds', role != 'teacher')
+        if repeated and _sets_seed(dict(run.get('cfg_options') or {})):
+            raise ConfigError(
+                f'{path}: run {name!r} sets {_SEED_KEY} in its cfg_options '
+                f'but is repeated over --seeds {num_seeds}; give it '
+                'seeds=False or drop the seed override')
+        dirs_by_seed, hashes_by_seed = {}, {}
+        for seed in (seed_list if repeated else [None]):
+            run_dir = os.path.join(work_dir, name) if not seed else \
+                os.path.join(work_dir, name, f'seed{seed}')
+            deps = set()
+            options = dict(cfg_options or {})
+            options.update(_substitute(
+                dict(run.get('cfg_options') or {}),
+                {n: _for_seed(d, seed) for n, d in run_dirs.items()},
+                f'{path}: run {name!r}', deps))
+            if seed is not None:
+                options[_SEED_KEY] = seed
+            recipe = _resolve_recipe(run['recipe'], path)
+            cfg = load_recipe(recipe, options, run_dir)
+            cfg.experiment_name = name
+            run_hash = hashlib.sha256(
+                (config_hash(cfg) + ''.join(
+                    _for_seed(run_hashes[d], seed) for d in sorted(deps)))
+                .encode()).hexdigest()
+            tasks.append(dict(
+                key=(name, seed), run_dir=run_dir, recipe=recipe,
+                options=options, cfg=cfg, run_hash=run_hash, role=role,
+                recipe_label=run['recipe'],
+                tag=name if seed is None else f'{name} seed {seed}',
+                deps=sorted((d, _seed_key(run_dirs[d], seed)) for d in deps),
+                record=None if force else _finished(run_dir, run_hash)))
+            dirs_by_seed[seed], hashes_by_seed[seed] = run_dir, run_hash
+        run_dirs[name], run_hashes[name] = dirs_by_seed, hashes_by_seed
+    return tasks
+
+
+def _seed_key(by_seed: dict, seed):
+    """Which of a dependency's seeds ``seed`` reads (see _for_seed)."""
+    if seed in by_seed:
+        return seed
+    return None if None in by_seed else 0
+
+
 def _for_seed(by_seed: dict, seed):
     """A dependency's dir/hash for ``seed``: the same seed's when it is
     repeated, else its single (or seed-0) run."""
-    if seed in by_seed:
-        return by_seed[seed]
-    return by_seed[None] if None in by_seed else by_seed[0]
+    return by_seed[_seed_key(by_seed, seed)]
 
 
 def _evaluate_again(cfg: Config, record: dict, run_dir: str,

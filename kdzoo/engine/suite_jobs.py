@@ -1,0 +1,182 @@
+"""How ``kdzoo compare`` executes a suite's runs: one after another in this
+process (``--jobs 1``), or up to N at a time in worker processes
+(``--jobs N``), each run starting once the runs it reads (a teacher's
+checkpoint) have finished.
+
+Threads: each worker gets ``--threads`` torch/OpenMP threads (default: this
+process's torch threads divided by N, at least 1), so N runs share the
+cores instead of oversubscribing them. CPU float results depend on the
+thread count (reductions split differently), so a run's digits equal the
+sequential run's when the thread count is the same:
+``--jobs 2`` on 2 cores gives the table of ``--jobs 1 --threads 1``
+(tested); ``--jobs 1`` at 2 threads differs in the digits, within the
+intervals. The thread count is not part of the run hash: a finished run is
+reused whichever count trained it.
+
+A worker is ``python -m kdzoo.engine.suite_jobs TASK.pkl``: it loads the
+recipe with the run's planned options (its run hash is the plan's), trains
+or tests it, writes ``results.json`` and exits; its console output goes to
+``<run dir>/compare_job.log``. When a run fails, no further run starts, the
+running ones finish (they stay reusable), and the error names the run and
+its log. Nothing here depends on running on one machine: a cluster
+executor (e.g. submitit to Slurm, one job per task file) can run the same
+worker command; see docs/compare.md.
+"""
+import os
+import pickle
+import subprocess
+import sys
+import time
+from typing import List, Optional, Tuple
+
+import torch
+
+from kdzoo.utils import ConfigError, KdzooError, atomic_write_json
+from .runner import test_recipe, train_recipe
+
+__all__ = ['check_jobs', 'run_tasks', 'run_task']
+
+TASK_FILE = 'compare_job.pkl'
+LOG_FILE = 'compare_job.log'
+
+
+def check_jobs(jobs, threads) -> Tuple[int, Optional[int]]:
+    """``(jobs, threads per run)``; threads default to this process's torch
+    threads divided by ``jobs`` when ``jobs`` > 1 (None: unchanged)."""
+    for option, value in (('--jobs', jobs), ('--threads', threads)):
+        if value is None and option == '--threads':
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f'{option} must be an integer >= 1, got '
+                              f'{value!r}')
+    if threads is None and jobs > 1:
+        threads = max(1, torch.get_num_threads() // jobs)
+    return jobs, threads
+
+
+def run_task(task: dict) -> dict:
+    """Train (or, without training data, test) one planned run in this
+    process and write its ``results.json``; returns the record."""
+    cfg = task['cfg']
+    record = train_recipe(cfg) if cfg.get('train_dataloader') \
+        else test_recipe(cfg)
+    record['run_hash'] = task['run_hash']
+    record['recipe'] = task['recipe_label']
+    record['role'] = task['role']
+    atomic_write_json(os.path.join(task['run_dir'], 'results.json'), record)
+    return record
+
+
+def run_tasks(tasks: List[dict], jobs: int, threads: Optional[int]) -> None:
+    """Run every task (setting its ``record``), at most ``jobs`` at once."""
+    if not tasks:
+        return
+    if jobs == 1:
+        previous = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            for task in tasks:
+                task['record'] = run_task(task)
+        finally:
+            torch.set_num_threads(previous)
+        return
+    _run_parallel(tasks, jobs, threads)
+
+
+def _launch(task: dict, threads: int) -> subprocess.Popen:
+    os.makedirs(task['run_dir'], exist_ok=True)
+    path = os.path.join(task['run_dir'], TASK_FILE)
+    keep = {k: task[k] for k in ('recipe', 'options', 'run_dir', 'run_hash',
+                                 'role', 'recipe_label', 'tag')}
+    keep['name'], keep['threads'] = task['key'][0], threads
+    with open(path, 'wb') as f:
+        pickle.dump(keep, f)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    log = open(os.path.join(task['run_dir'], LOG_FILE), 'w')
+    try:
+        return subprocess.Popen(
+            [sys.executable, '-m', 'kdzoo.engine.suite_jobs', path],
+            stdout=log, stderr=subprocess.STDOUT, env=env)
+    finally:
+        log.close()
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, errors='replace') as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ''
+    return lines[-1] if lines else ''
+
+
+def _run_parallel(tasks: List[dict], jobs: int, threads: int) -> None:
+    pending = list(tasks)
+    planned = {t['key'] for t in tasks}
+    done, running, failed = set(), {}, []
+    while pending or running:
+        if not failed:
+            for task in list(pending):
+                if len(running) >= jobs:
+                    break
+                if all(d in done or d not in planned for d in task['deps']):
+                    pending.remove(task)
+                    running[_launch(task, threads)] = (task, time.time())
+                    print(f'[{task["tag"]}] started ({threads} threads; log '
+                          f'{os.path.join(task["run_dir"], LOG_FILE)})',
+                          flush=True)
+            if pending and not running:  # cannot happen for a planned suite
+                raise ConfigError('compare: runs wait on runs that never '
+                                  'start: ' + ', '.join(t['tag']
+                                                        for t in pending))
+        elif not running:
+            break
+        time.sleep(0.2)
+        for proc, (task, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[proc]
+            log = os.path.join(task['run_dir'], LOG_FILE)
+            if proc.returncode == 0:
+                from .suite import _finished
+                task['record'] = _finished(task['run_dir'], task['run_hash'])
+                if task['record'] is not None:
+                    done.add(task['key'])
+                    os.remove(os.path.join(task['run_dir'], TASK_FILE))
+                    print(f'[{task["tag"]}] finished in '
+                          f'{time.time() - t0:.0f} s', flush=True)
+                    continue
+            failed.append((task, proc.returncode, log))
+    if failed:
+        task, code, log = failed[0]
+        more = f' ({len(failed) - 1} more failed)' if len(failed) > 1 else ''
+        raise KdzooError(f'run {task["tag"]!r} failed (exit {code}): '
+                         f'{_last_line(log)}; full log: {log}{more}')
+
+
+def _worker(task_file: str) -> int:
+    """A worker process: one planned run, then exit (0: results.json
+    written; 2: a kdzoo error, one line on stderr)."""
+    from kdzoo.utils.allocator import tune_allocator
+    tune_allocator()
+    with open(task_file, 'rb') as f:
+        task = pickle.load(f)
+    torch.set_num_threads(task['threads'])
+    import kdzoo  # noqa: F401  (registers everything)
+    from .runner import load_recipe
+    try:
+        cfg = load_recipe(task['recipe'], task['options'], task['run_dir'])
+        cfg.experiment_name = task['name']
+        task['cfg'] = cfg
+        run_task(task)
+    except KdzooError as e:
+        print(f'kdzoo compare: run {task["tag"]!r}: error: {e}',
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(_worker(sys.argv[1]))
