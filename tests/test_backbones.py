@@ -346,6 +346,61 @@ def test_onnx_round_trip_of_a_kdzoo_backbone(tiny_onnx_file):
         OnnxBackbone(path, input_size=112)
 
 
+def test_onnx_in_onnxruntime_matches_the_source_network(tiny_onnx_file):
+    net, path = tiny_onnx_file
+    model = OnnxBackbone(path, input_size=32, runtime='onnxruntime').eval()
+    assert model.session is not None and not hasattr(model, 'model')
+    assert list(model.parameters()) == [] and model.onnx_parameters > 0
+    assert model.embedding_size == 16 and model.module_names() == ()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        ref = net(x)
+        got = model(x)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    # float32 sums in another order: ~1e-7 relative per term, a few
+    # hundred terms per output; 1e-5 of the largest output is ~30x that
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # 'auto' picks onnxruntime without taps and onnx2torch with them
+    assert OnnxBackbone(path, input_size=32, runtime='auto').session
+    conv = [n for n in OnnxBackbone(path, input_size=32).module_names()
+            if 'Conv' in n][-1]
+    tapped = OnnxBackbone(path, input_size=32, runtime='auto',
+                          stage_paths=[conv])
+    assert tapped.session is None and tapped.stage_paths == (conv,)
+    # a copy (mmengine deep-copies models, e.g. EMA) restarts its session
+    import copy
+    with torch.no_grad():
+        assert torch.equal(copy.deepcopy(model)(x), got)
+
+
+def test_onnxruntime_refuses_taps_gradients_and_unknown_runtimes(
+        tiny_onnx_file):
+    _, path = tiny_onnx_file
+    with pytest.raises(ConfigError, match=r"stage_paths.*runtime='torch'"):
+        OnnxBackbone(path, input_size=32, runtime='onnxruntime',
+                     stage_paths=['x'])
+    with pytest.raises(ConfigError, match='runtime must be one of'):
+        OnnxBackbone(path, input_size=32, runtime='ort')
+    model = OnnxBackbone(path, input_size=32, runtime='onnxruntime')
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    with pytest.raises(ConfigError, match='gives no gradient'):
+        model(x)
+
+
+def test_onnx_teacher_runs_in_onnxruntime_unless_tapped(tiny_onnx_file):
+    from kdzoo.registry import TEACHERS
+    net, path = tiny_onnx_file
+    teacher = TEACHERS.build(dict(type='OnnxTeacher', file=path,
+                                  input_size=(32, 32)))
+    assert teacher.network.session is not None
+    assert teacher.describe()['parameters'] == teacher.network.onnx_parameters
+    x = torch.randn(3, 3, 32, 32)  # normalised as the student's batch
+    with torch.no_grad():
+        ref = net(x)
+        got = teacher(x)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_onnx_sirius_matches_onnxruntime():
     ort = pytest.importorskip('onnxruntime')
     path = shared_path('teachers', 'mobilefacenet_sirius.onnx')
@@ -358,3 +413,9 @@ def test_onnx_sirius_matches_onnxruntime():
     ref = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert ours.shape == ref.shape == (4, 192)
     assert abs(ours - ref).max() < 1e-3
+    # kdzoo evaluate / the eval recipe run it in onnxruntime: the same
+    # session, so the same embeddings as onnxruntime called directly
+    fast = BACKBONES.build(dict(type='OnnxBackbone', file=path,
+                                runtime='onnxruntime'))
+    with torch.no_grad():
+        assert abs(fast(x).numpy() - ref).max() <= 1e-6 * abs(ref).max()

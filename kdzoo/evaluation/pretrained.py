@@ -9,14 +9,14 @@ from kdzoo.utils import ConfigError, atomic_write_json, load_module_weights
 
 
 def build_pretrained(model: str, backbone_cfg: Optional[dict] = None):
-    """An ``.onnx`` file (input H×W taken from the file where fixed), or a
-    ``.pth`` state dict with a backbone config."""
+    """An ``.onnx`` file (run in onnxruntime; input H×W taken from the file
+    where fixed), or a ``.pth`` state dict with a backbone config."""
     from kdzoo.registry import BACKBONES
     if not os.path.isfile(model):
         raise ConfigError(f'--model: file not found: {model!r}')
     if model.endswith('.onnx'):
         return BACKBONES.build(dict(type='OnnxBackbone', file=model,
-                                    input_size=None))
+                                    input_size=None, runtime='onnxruntime'))
     if backbone_cfg is None:
         raise ConfigError(f'--model {model!r} is a weights file: say which '
                           'backbone it is, e.g. --backbone \'{"type": '

@@ -62,7 +62,9 @@ class CheckpointTeacher(FrozenTeacher):
 
 @TEACHERS.register_module()
 class OnnxTeacher(FrozenTeacher):
-    """Frozen teacher from an ONNX file, converted with onnx2torch.
+    """Frozen teacher from an ONNX file: run in onnxruntime when only its
+    embedding is used, converted with onnx2torch when inner stages are
+    tapped (``runtime='auto'``; see ``OnnxBackbone``).
 
     Args:
         file: the ``.onnx`` file (input N×3×H×W float32).
@@ -71,16 +73,19 @@ class OnnxTeacher(FrozenTeacher):
         input_size: (H, W) the model expects.
         stage_paths: module names in the converted graph whose outputs are
             the stage feature maps (see ``OnnxBackbone.module_names``).
+        runtime: ``'auto'`` (onnxruntime unless ``stage_paths``),
+            ``'onnxruntime'`` or ``'torch'``.
     """
 
     def __init__(self, file: str, mean: Number = 127.5, std: Number = 128.0,
                  input_size=(112, 112),
                  stage_paths: Optional[Sequence[str]] = None,
-                 embedding_size: Optional[int] = None):
+                 embedding_size: Optional[int] = None,
+                 runtime: str = 'auto'):
         network = BACKBONES.build(
             dict(type='OnnxBackbone', file=file, input_size=input_size,
                  embedding_size=embedding_size,
-                 stage_paths=tuple(stage_paths or ())))
+                 stage_paths=tuple(stage_paths or ()), runtime=runtime))
         # the backbone stores its stage paths with the graph's prefix
         super().__init__(network, None, mean=mean, std=std,
                          input_size=input_size,

@@ -114,7 +114,9 @@ class FrozenTeacher(nn.Module):
         name = type(self).__name__
         return dict(
             teacher=f'{name} {self.variant}' if self.variant else name,
-            parameters=sum(p.numel() for p in self.parameters()),
+            # an onnxruntime network holds its weights outside torch
+            parameters=sum(p.numel() for p in self.parameters()) or getattr(
+                self.network, 'onnx_parameters', 0),
             embedding_size=self.embedding_size,
             input_size=self.input_size,
             mean=[round(v, 6) for v in self.mean.flatten().tolist()],

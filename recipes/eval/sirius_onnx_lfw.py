@@ -12,7 +12,7 @@ model = dict(
     data_preprocessor=dict(type='FaceDataPreprocessor', mean=127.5, std=128.0,
                            channels_last=True),
     student=dict(backbone=dict(
-        type='OnnxBackbone',
+        type='OnnxBackbone', runtime='onnxruntime',  # inference only
         file='../shared/teachers/mobilefacenet_sirius.onnx')),
     test_cfg=dict(flip=True))
 test_dataloader = dict(
