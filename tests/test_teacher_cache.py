@@ -129,6 +129,35 @@ def test_teacher_checksum_tracks_weights_and_normalisation():
     assert teacher_checksum(a) != teacher_checksum(c)
 
 
+def test_teacher_checksum_of_onnx_teachers_in_onnxruntime(tmp_path):
+    """An onnxruntime network has no state dict: two ONNX files with other
+    weights must still give other cache keys (the file's SHA-256)."""
+    from kdzoo.registry import BACKBONES, TEACHERS
+    net = BACKBONES.build(dict(type='IResNet', width_mult=0.25,
+                               layers=(1, 1, 1, 1), embedding_size=8,
+                               input_size=(32, 32))).eval()
+    paths = []
+    for i in range(2):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.01 * i)
+        paths.append(str(tmp_path / f'{i}.onnx'))
+        torch.onnx.export(net, torch.zeros(1, 3, 32, 32), paths[-1],
+                          dynamo=False)
+
+    def teacher(path, runtime='onnxruntime'):
+        return TEACHERS.build(dict(type='OnnxTeacher', file=path,
+                                   input_size=(32, 32), runtime=runtime))
+
+    a, b = teacher(paths[0]), teacher(paths[1])
+    assert a.state_dict() == {} == b.state_dict()
+    assert teacher_checksum(a) != teacher_checksum(b)
+    assert teacher_checksum(a) == teacher_checksum(teacher(paths[0]))
+    # the runtimes' outputs differ in the last float bits: separate caches
+    assert teacher_checksum(a) != teacher_checksum(teacher(paths[0],
+                                                           'torch'))
+
+
 def test_dataset_checksum_tracks_pixels_and_order():
     imgs = [np.full((3, 2, 2), i, np.uint8) for i in range(3)]
     key, n = dataset_checksum(imgs)

@@ -9,6 +9,7 @@ import torch
 
 from kdzoo.registry import BACKBONES
 from kdzoo.utils import ConfigError, did_you_mean
+from kdzoo.utils.fileio import file_sha256
 from .base import BaseBackbone, check_input_size, check_positive_int
 
 GRAPH_PREFIX = 'model.'
@@ -154,6 +155,8 @@ class OnnxBackbone(BaseBackbone):
             raise ConfigError(
                 f'{owner}: {self.file!r} expects input H×W {hw}, but '
                 f'input_size is {self.input_size}; set input_size={hw}')
+        # the weights live in the file: what a teacher cache is keyed by
+        self.file_sha256 = file_sha256(self.file)
         self.onnx_parameters = sum(math.prod(i.dims)
                                    for i in onnx_model.graph.initializer)
         self.session = None

@@ -47,8 +47,9 @@ def default_teacher_cache_dir() -> str:
 
 
 def teacher_checksum(teacher: torch.nn.Module) -> str:
-    """SHA-256 of a frozen teacher: class, weights and buffers, input
-    normalisation (its own and the student's) and input size."""
+    """SHA-256 of a frozen teacher: class, weights and buffers (for an ONNX
+    network, its file's SHA-256 and runtime), input normalisation (its own
+    and the student's) and input size."""
     h = hashlib.sha256()
     h.update(type(teacher).__name__.encode())
     h.update(type(getattr(teacher, 'network', teacher)).__name__.encode())
@@ -62,6 +63,12 @@ def teacher_checksum(teacher: torch.nn.Module) -> str:
         h.update(f'{name}|{tensor.dtype}|{tuple(tensor.shape)}'.encode())
         h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     h.update(repr(getattr(teacher, 'input_size', None)).encode())
+    # a network run outside torch (an ONNX file in onnxruntime) has no
+    # state dict: its file's digest and the runtime stand for the weights
+    network = getattr(teacher, 'network', teacher)
+    for extra in ('file_sha256', 'runtime'):
+        if getattr(network, extra, None) is not None:
+            h.update(f'{extra}|{getattr(network, extra)}'.encode())
     return h.hexdigest()
 
 
