@@ -41,7 +41,8 @@ def embed_dataset(network, dataset, flip: bool = True, batch_size: int = 128,
     bar = _progress(progress, len(loader))
     for batch in loader:
         x = (batch['inputs'].to(device).float() - mean) / std
-        x = x.contiguous(memory_format=torch.channels_last)
+        if next(network.parameters(), None) is not None:  # a torch net
+            x = x.contiguous(memory_format=torch.channels_last)
         emb = network(x)
         if flip:
             emb = emb + network(torch.flip(x, dims=[3]))
