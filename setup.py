@@ -37,8 +37,10 @@ setup(
     packages=find_packages(include=['kdzoo', 'kdzoo.*']),
     python_requires='>=3.9',
     install_requires=install_requires,
-    extras_require={'test': ['pytest>=7', 'tensorboard>=2.10'],
-                    'tensorboard': ['tensorboard>=2.10']},
+    extras_require={'test': ['pytest>=7', 'tensorboard>=2.10',
+                             'submitit>=1.5'],
+                    'tensorboard': ['tensorboard>=2.10'],
+                    'cluster': ['submitit>=1.5']},
     entry_points={'console_scripts': ['kdzoo=kdzoo.cli:main']},
     license='Apache-2.0',
 )

@@ -7,13 +7,13 @@ import sys
 from kdzoo.utils import KdzooError
 
 
-def _parse_cfg_options(pairs):
+def _parse_cfg_options(pairs, option: str = '--cfg-options'):
     """``k=v`` pairs -> dict; values parsed as Python/JSON literals."""
     import ast
     options = {}
     for pair in pairs or []:
         if '=' not in pair:
-            raise KdzooError(f'--cfg-options expects key=value, got {pair!r}')
+            raise KdzooError(f'{option} expects key=value, got {pair!r}')
         key, value = pair.split('=', 1)
         try:
             options[key] = ast.literal_eval(value)
@@ -92,7 +92,10 @@ def cmd_compare(args):
     from kdzoo.engine.suite import run_suite
     run_suite(args.suite, work_dir=args.work_dir, force=args.force,
               cfg_options=_parse_cfg_options(args.cfg_options),
-              seeds=args.seeds, jobs=args.jobs, threads=args.threads)
+              seeds=args.seeds, jobs=args.jobs, threads=args.threads,
+              executor=args.executor,
+              executor_options=_parse_cfg_options(args.executor_options,
+                                                  '--executor-options'))
 
 
 def _pack_labels(args):
@@ -285,6 +288,13 @@ def build_parser():
     p.add_argument('--threads', type=int, metavar='T',
                    help='torch threads per run (default: this machine\'s '
                    'threads divided by --jobs); CPU digits depend on it')
+    p.add_argument('--executor', choices=('local', 'submitit'),
+                   default='local', help="where runs execute: 'local' "
+                   "processes, or one submitit job per run (Slurm)")
+    p.add_argument('--executor-options', nargs='+', metavar='KEY=VALUE',
+                   help='submitit parameters, e.g. slurm_partition=gpu '
+                   'timeout_min=120 gpus_per_node=1 (cluster=local runs '
+                   'the jobs here)')
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser('pack', help='write InsightFace data files: a '

@@ -119,6 +119,36 @@ def test_a_failed_run_is_one_line_naming_it_and_its_log(tmp_path, cache_dir,
         assert os.path.isfile(os.path.join(work, name, 'results.json'))
 
 
+def test_submitit_executor_runs_each_run_as_a_job(tmp_path, cache_dir,
+                                                  capsys):
+    """The cluster route through submitit, with its local cluster (the
+    same jobs a Slurm cluster would get): the table equals the sequential
+    run's at the same thread count."""
+    pytest.importorskip('submitit')
+    suite = _suite(tmp_path / 'suite.py')
+    options = ['--cfg-options'] + as_cli(tiny_options(cache_dir))
+    one, sub = str(tmp_path / 'one'), str(tmp_path / 'submitit')
+    assert main(['compare', suite, '--work-dir', one, '--threads', '1'] +
+                options) == 0
+    assert main(['compare', suite, '--work-dir', sub, '--jobs', '2',
+                 '--threads', '1', '--executor', 'submitit',
+                 '--executor-options', 'cluster=local', 'timeout_min=20'] +
+                options) == 0
+    capsys.readouterr()
+    assert _table_rows(one) == _table_rows(sub)
+    assert os.path.isdir(os.path.join(sub, '.submitit'))
+    context = _read(os.path.join(sub, 'comparison.json'))['context']
+    assert context['executor'] == 'submitit'
+    # options submitit does not know are refused in one line
+    rc = main(['compare', suite, '--work-dir', str(tmp_path / 'bad'),
+               '--executor', 'submitit', '--executor-options',
+               'cluster=local', 'no_such_parameter=1'] + options)
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and '--executor-options' in err[0]
+    assert 'no_such_parameter' in err[0]
+
+
 @pytest.mark.parametrize('jobs,threads', [(0, None), (2, 0), ('2', None),
                                           (True, None)])
 def test_jobs_and_threads_must_be_positive_integers(jobs, threads):

@@ -129,14 +129,17 @@ def _sets_seed(options: dict) -> bool:
 def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
               cfg_options: Optional[dict] = None,
               seeds: Optional[int] = None, jobs: int = 1,
-              threads: Optional[int] = None) -> List[dict]:
+              threads: Optional[int] = None, executor: str = 'local',
+              executor_options: Optional[dict] = None) -> List[dict]:
     """Train what is missing, test everything, write and print the table.
 
     ``jobs`` > 1 trains independent runs in that many processes at once
     (:mod:`kdzoo.engine.suite_jobs`), each with ``threads`` torch threads
     (default: this process's threads divided by ``jobs``); ``threads`` with
-    ``jobs=1`` sets the thread count of the sequential runs. Returns every
-    run's record (one per run and seed, in suite order).
+    ``jobs=1`` sets the thread count of the sequential runs.
+    ``executor='submitit'`` submits each run as a submitit job (Slurm)
+    with ``executor_options``. Returns every run's record (one per run and
+    seed, in suite order).
     """
     from kdzoo.evaluation.report import (aggregate, comparison_markdown,
                                          default_columns,
@@ -170,10 +173,13 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
             if task['record'].get('eval_version') != EVAL_VERSION:
                 task['record'] = _evaluate_again(
                     task['cfg'], task['record'], task['run_dir'], task['tag'])
-    run_tasks([t for t in tasks if t['record'] is None], jobs, threads)
+    run_tasks([t for t in tasks if t['record'] is None], jobs, threads,
+              executor, executor_options, work_dir)
     records = [t['record'] for t in tasks]
     parallel = dict(jobs=jobs, threads_per_run=threads) if (
-        jobs > 1 or threads) else {}
+        jobs > 1 or threads or executor != 'local') else {}
+    if executor != 'local':
+        parallel['executor'] = executor
 
     if num_seeds == 1:  # the recipes' own seeds (randomness.seed)
         seed_list = sorted({r.get('seed') for r in records}, key=str)

@@ -18,9 +18,11 @@ recipe with the run's planned options (its run hash is the plan's), trains
 or tests it, writes ``results.json`` and exits; its console output goes to
 ``<run dir>/compare_job.log``. When a run fails, no further run starts, the
 running ones finish (they stay reusable), and the error names the run and
-its log. Nothing here depends on running on one machine: a cluster
-executor (e.g. submitit to Slurm, one job per task file) can run the same
-worker command; see docs/compare.md.
+its log.
+
+``--executor submitit`` submits the same worker, one job per run, through
+submitit (Slurm; ``--executor-options cluster=local`` runs the jobs on this
+machine, as the tests do); see docs/compare.md.
 """
 import os
 import pickle
@@ -67,11 +69,19 @@ def run_task(task: dict) -> dict:
     return record
 
 
-def run_tasks(tasks: List[dict], jobs: int, threads: Optional[int]) -> None:
-    """Run every task (setting its ``record``), at most ``jobs`` at once."""
+def run_tasks(tasks: List[dict], jobs: int, threads: Optional[int],
+              executor: str = 'local',
+              executor_options: Optional[dict] = None,
+              work_dir: str = '.') -> None:
+    """Run every task (setting its ``record``), at most ``jobs`` at once:
+    here, one after another (``jobs=1``, local), in local worker processes
+    or as submitit jobs (``executor='submitit'``)."""
     if not tasks:
         return
-    if jobs == 1:
+    if executor not in EXECUTORS:
+        raise ConfigError(f'--executor must be one of {EXECUTORS}, got '
+                          f'{executor!r}')
+    if jobs == 1 and executor == 'local':
         previous = torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
@@ -81,10 +91,19 @@ def run_tasks(tasks: List[dict], jobs: int, threads: Optional[int]) -> None:
         finally:
             torch.set_num_threads(previous)
         return
-    _run_parallel(tasks, jobs, threads)
+    threads = threads or max(1, torch.get_num_threads() // jobs)
+    if executor == 'submitit':
+        submit = _submitit_launcher(dict(executor_options or {}), threads,
+                                    work_dir)
+    else:
+        submit = _LocalProcess
+    _run_parallel(tasks, jobs, threads, submit)
 
 
-def _launch(task: dict, threads: int) -> subprocess.Popen:
+EXECUTORS = ('local', 'submitit')
+
+
+def _write_task(task: dict, threads: int) -> str:
     os.makedirs(task['run_dir'], exist_ok=True)
     path = os.path.join(task['run_dir'], TASK_FILE)
     keep = {k: task[k] for k in ('recipe', 'options', 'run_dir', 'run_hash',
@@ -92,15 +111,65 @@ def _launch(task: dict, threads: int) -> subprocess.Popen:
     keep['name'], keep['threads'] = task['key'][0], threads
     with open(path, 'wb') as f:
         pickle.dump(keep, f)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
-    log = open(os.path.join(task['run_dir'], LOG_FILE), 'w')
+    return path
+
+
+class _LocalProcess:
+    """A worker process on this machine."""
+
+    def __init__(self, task: dict, threads: int):
+        path = _write_task(task, threads)
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads),
+                   MKL_NUM_THREADS=str(threads))
+        with open(os.path.join(task['run_dir'], LOG_FILE), 'w') as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, '-m', 'kdzoo.engine.suite_jobs', path],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def poll(self) -> Optional[int]:
+        return self.proc.poll()
+
+
+def _submitit_launcher(options: dict, threads: int, work_dir: str):
+    """A launcher submitting each task as one submitit job (Slurm, or
+    submitit's local/debug clusters): ``options`` go to
+    ``AutoExecutor(cluster=...)`` and ``update_parameters`` (e.g.
+    ``slurm_partition``, ``timeout_min``, ``gpus_per_node``); jobs get
+    ``cpus_per_task=threads`` unless the options say otherwise."""
     try:
-        return subprocess.Popen(
-            [sys.executable, '-m', 'kdzoo.engine.suite_jobs', path],
-            stdout=log, stderr=subprocess.STDOUT, env=env)
-    finally:
-        log.close()
+        import submitit
+    except ImportError:
+        raise ConfigError("--executor submitit needs the submitit package: "
+                          "pip install submitit") from None
+    folder = options.pop('folder', os.path.join(work_dir, '.submitit'))
+    executor = submitit.AutoExecutor(folder=folder,
+                                     cluster=options.pop('cluster', None))
+    options.setdefault('cpus_per_task', threads)
+    try:
+        executor.update_parameters(**options)
+    except (ValueError, TypeError, NameError) as e:
+        raise ConfigError(f'--executor-options: submitit refuses them: '
+                          f'{" ".join(str(e).split())}') from None
+
+    class Job:
+        def __init__(self, task: dict, threads: int):
+            path = _write_task(task, threads)
+            self.log = os.path.join(task['run_dir'], LOG_FILE)
+            open(self.log, 'w').close()
+            self.job = executor.submit(logged_worker, path, self.log)
+
+        def poll(self) -> Optional[int]:
+            if not self.job.done():
+                return None
+            try:
+                return int(self.job.result())
+            except Exception as e:  # noqa: BLE001 -- the job's own failure
+                last = (str(e).strip().splitlines() or [''])[-1]
+                with open(self.log, 'a') as f:
+                    f.write(f'submitit job {self.job.job_id} failed: '
+                            f'{last}\n')
+                return 1
+    return Job
 
 
 def _last_line(path: str) -> str:
@@ -112,7 +181,8 @@ def _last_line(path: str) -> str:
     return lines[-1] if lines else ''
 
 
-def _run_parallel(tasks: List[dict], jobs: int, threads: int) -> None:
+def _run_parallel(tasks: List[dict], jobs: int, threads: int,
+                  submit) -> None:
     pending = list(tasks)
     planned = {t['key'] for t in tasks}
     done, running, failed = set(), {}, []
@@ -123,7 +193,7 @@ def _run_parallel(tasks: List[dict], jobs: int, threads: int) -> None:
                     break
                 if all(d in done or d not in planned for d in task['deps']):
                     pending.remove(task)
-                    running[_launch(task, threads)] = (task, time.time())
+                    running[submit(task, threads)] = (task, time.time())
                     print(f'[{task["tag"]}] started ({threads} threads; log '
                           f'{os.path.join(task["run_dir"], LOG_FILE)})',
                           flush=True)
@@ -134,12 +204,13 @@ def _run_parallel(tasks: List[dict], jobs: int, threads: int) -> None:
         elif not running:
             break
         time.sleep(0.2)
-        for proc, (task, t0) in list(running.items()):
-            if proc.poll() is None:
+        for handle, (task, t0) in list(running.items()):
+            code = handle.poll()
+            if code is None:
                 continue
-            del running[proc]
+            del running[handle]
             log = os.path.join(task['run_dir'], LOG_FILE)
-            if proc.returncode == 0:
+            if code == 0:
                 from .suite import _finished
                 task['record'] = _finished(task['run_dir'], task['run_hash'])
                 if task['record'] is not None:
@@ -148,7 +219,7 @@ def _run_parallel(tasks: List[dict], jobs: int, threads: int) -> None:
                     print(f'[{task["tag"]}] finished in '
                           f'{time.time() - t0:.0f} s', flush=True)
                     continue
-            failed.append((task, proc.returncode, log))
+            failed.append((task, code, log))
     if failed:
         task, code, log = failed[0]
         more = f' ({len(failed) - 1} more failed)' if len(failed) > 1 else ''
@@ -176,6 +247,17 @@ def _worker(task_file: str) -> int:
               file=sys.stderr)
         return 2
     return 0
+
+
+def logged_worker(task_file: str, log: str) -> int:
+    """:func:`_worker` with its console output (file descriptors 1 and 2)
+    in ``log``: what a submitit job runs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(log, 'a') as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+    return _worker(task_file)
 
 
 if __name__ == '__main__':
