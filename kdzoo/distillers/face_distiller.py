@@ -11,6 +11,7 @@ from kdzoo.registry import (BACKBONES, CONNECTORS, HEADS, LOSSES, MODELS,
                             TEACHERS)
 from kdzoo.utils import ConfigError, did_you_mean
 from kdzoo.engine.numerics import NonFiniteLossCheckMixin
+from .inference import InferenceBackbone
 from .taps import Tap, TapRecorder, parse_tap, resolve_module_path
 
 RESERVED_NAMES = ('student', 'data', 'connectors')
@@ -66,7 +67,9 @@ class FaceDistiller(NonFiniteLossCheckMixin, BaseModel):
         input_size: (H, W) of training images, used for the build-time shape
             check; defaults to the student backbone's ``input_size``.
         test_cfg: ``dict(flip=True)``: test embeddings are the sum of the
-            image's and its horizontal flip's (insightface protocol).
+            image's and its horizontal flip's (insightface protocol);
+            ``fuse_bn=False`` embeds with the backbone as trained instead of
+            its BatchNorm-folded channels-last copy.
         teacher_cache: ``dict(teachers=[names], cache_dir=None,
             dtype='float32')``: read these teachers' embeddings from a cache
             built once before training (``TeacherCacheHook``) instead of
@@ -102,6 +105,7 @@ class FaceDistiller(NonFiniteLossCheckMixin, BaseModel):
         self.student = Student(student['backbone'], student.get('head'))
         self.cls_loss_weight = float(cls_loss_weight)
         self.test_cfg = {'flip': True, **(test_cfg or {})}
+        self._inference = InferenceBackbone()  # not a submodule
 
         self.teachers = nn.ModuleDict()
         for name, cfg in _present(teachers).items():
@@ -472,11 +476,20 @@ class FaceDistiller(NonFiniteLossCheckMixin, BaseModel):
 
     @torch.no_grad()
     def embed(self, inputs: torch.Tensor, flip: Optional[bool] = None):
-        """Student embeddings; flip-sum (image + mirror) when ``flip``."""
+        """Student embeddings; flip-sum (image + mirror) when ``flip``.
+
+        In eval mode the backbone runs with BatchNorm folded into its
+        convolutions, channels-last (``kdzoo.distillers.inference``;
+        ``test_cfg.fuse_bn=False`` turns it off)."""
         flip = self.test_cfg.get('flip', True) if flip is None else flip
-        emb = self.student.backbone(inputs)
+        backbone = self.student.backbone
+        if not self.training and self.test_cfg.get('fuse_bn', True):
+            backbone = self._inference.get(backbone)
+            if backbone is not self.student.backbone and inputs.dim() == 4:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+        emb = backbone(inputs)
         if flip:
-            emb = emb + self.student.backbone(torch.flip(inputs, dims=[3]))
+            emb = emb + backbone(torch.flip(inputs, dims=[3]))
         return emb
 
     def predict(self, inputs: torch.Tensor, data_samples=None) -> list:
