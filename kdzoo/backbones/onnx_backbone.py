@@ -84,9 +84,8 @@ class OnnxBackbone(BaseBackbone):
     ``torch.fx.GraphModule``). ``runtime='onnxruntime'`` runs it in an
     onnxruntime session instead (inference only: no parameters, no
     gradient, no taps; the CPU provider with torch's thread count, the CUDA
-    provider for CUDA inputs where installed); on the 2-core CPU it embeds
-    112 px faces several times faster than the converted graph (see
-    docs/benchmarks.md). ``'auto'``: onnxruntime unless ``stage_paths`` are
+    provider for CUDA inputs where installed); on a 2-core CPU it embeds
+    112 px faces 2.7x faster than the converted graph (docs/speed.md). ``'auto'``: onnxruntime unless ``stage_paths`` are
     tapped. ``forward`` returns the first output flattened to ``B×D``. The input is the model's own normalised N×3×H×W
     batch (for insightface models RGB ``(x - 127.5) / 128``). Call
     ``.eval()`` for inference: converted BatchNorm layers use batch

@@ -4,9 +4,9 @@ A CPU training step allocates and frees the same large tensors (activations,
 gradients) every iteration. With glibc's defaults, freed memory at the top
 of the heap above ``M_TRIM_THRESHOLD`` is returned to the kernel and large
 blocks are served by ``mmap``; both make the next step fault every page in
-again: on the 2-core machine a 112 px real-face run spent ~45 % of its CPU
-time in the kernel (474,000 minor page faults/s) before this setting and
-~7 % (57,000/s) after it, and its step time fell from 2.7 s to ~1.5 s (see
+again: on a 2-core CPU a 112 px real-face training run spent 28 % of its
+CPU time in the kernel (164,000 minor page faults/s) and ran at 0.65x a
+plain PyTorch loop; with this setting 5 % (62,000/s) and 0.98x (see
 docs/speed.md).
 
 :func:`tune_allocator` sets, through ``mallopt``:
