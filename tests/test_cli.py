@@ -187,7 +187,15 @@ def test_empty_scheduler_phase_names_the_key(tmp_path, capsys):
 
 
 def test_mmengine_build_error_names_the_key_and_leaves_nothing(
-        tmp_path, cache_dir, capsys):
+        tmp_path, cache_dir, capsys, monkeypatch):
+    # every run below starts "in the same second": mmengine names a run's
+    # logger, visualizer and log dir by its start time, so a retry would
+    # get the failed run's back (writing into the removed log dir)
+    import time
+    second = time.strftime('%Y%m%d_%H%M%S')
+    real = time.strftime
+    monkeypatch.setattr(time, 'strftime', lambda fmt, *a: second
+                        if fmt == '%Y%m%d_%H%M%S' else real(fmt, *a))
     # mmengine raises this while the runner builds its schedulers, after
     # the work dir and its log dir were made
     work = tmp_path / 'work'
@@ -203,6 +211,10 @@ def test_mmengine_build_error_names_the_key_and_leaves_nothing(
     assert main(['train', STUDENT, '--work-dir', str(work), '--cfg-options',
                  'param_scheduler.0.start_factor=2'] + tiny(cache_dir)) == 2
     assert os.listdir(work) == ['notes.txt']
+    # and a correct run right after trains in the same work dir
+    assert main(['train', STUDENT, '--work-dir', str(work), '--cfg-options']
+                + tiny(cache_dir, test=False)) == 0
+    assert os.path.isfile(work / 'backbone.pth')
 
 
 def test_missing_recipe(tmp_path, capsys):

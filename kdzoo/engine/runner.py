@@ -321,14 +321,28 @@ def _no_trace_of_a_failed_build(cfg: Config, runners: list):
     a hook's ``before_run``) leaves nothing behind: the work dir when this
     call made it, else what this call added to it. ``runners`` holds the
     runner once built; a run that trained (or resumed) keeps its files."""
+    from mmengine.logging import MMLogger
+    from mmengine.visualization import Visualizer
     work_dir = os.path.abspath(cfg.work_dir)
     existed = os.path.isdir(work_dir)
     before = set(os.listdir(work_dir)) if existed else set()
+    managers = {kind: set(kind._instance_dict)
+                for kind in (MMLogger, Visualizer)}
     try:
         yield
     except KdzooError:
         if runners and runners[0].iter > 0:
             raise
+        # mmengine keeps the run's logger and visualizer by experiment name
+        # (the start time, to the second): a retry within the same second
+        # would get them back, writing into the dirs removed below
+        for kind, names in managers.items():
+            for name in set(kind._instance_dict) - names:
+                instance = kind._instance_dict.pop(name)
+                for handler in getattr(instance, 'handlers', [])[:]:
+                    if isinstance(handler, logging.FileHandler):
+                        handler.close()
+                        instance.removeHandler(handler)
         import shutil
         if not existed:
             shutil.rmtree(work_dir, ignore_errors=True)
