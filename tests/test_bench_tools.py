@@ -89,3 +89,20 @@ def test_onnx_bench_compares_kdzoo_with_onnxruntime(tmp_path):
     assert record['max_relative_difference'] <= 1e-6
     assert set(record['ratios']) == {'kdzoo evaluate / direct',
                                      'teacher cache build / direct'}
+
+
+def test_eval_bench_reports_every_setting_with_its_difference(tmp_path):
+    out = tmp_path / 'eval.json'
+    proc = _run('bench_eval.py', '--image-size', '32', '--batch-size', '4',
+                '--width', '0.25', '--repeats', '1', '--out', str(out),
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())['rows']
+    assert set(rows) == {'as trained (fuse_bn=False)', 'channels-last only',
+                         'BatchNorm folded only',
+                         'kdzoo: folded + channels-last'}
+    assert rows['as trained (fuse_bn=False)']['max_relative_difference'] == 0
+    # the other settings compute the same embeddings up to float rounding
+    for row in rows.values():
+        assert row['images_per_s'] > 0
+        assert row['max_relative_difference'] <= 2e-5

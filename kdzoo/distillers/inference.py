@@ -4,9 +4,9 @@ preceding convolutions and channels-last memory format.
 Test and validation embed every image twice (image and mirror) in eval
 mode, where BatchNorm is an affine map that can be folded into the
 convolution before it. On a 2-core CPU a MobileFaceNet (width 0.5) at
-112 px embeds 51 images/s (flip-sum, batch 256) as trained and 107 folded
-and channels-last (docs/speed.md); embeddings move by ~1e-6 of their
-scale (float rounding).
+112 px embeds 50 images/s (flip-sum, batch 256) as trained and 119 folded
+and channels-last (``tools/bench_eval.py``, docs/speed.md); embeddings
+move by ~1e-6 of their scale (float rounding).
 
 :class:`InferenceBackbone` keeps such a copy and rebuilds it whenever the
 backbone's weights, buffers or device change (each tensor's in-place

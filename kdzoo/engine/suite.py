@@ -57,7 +57,7 @@ from mmengine.config import Config
 
 from kdzoo.utils import ConfigError, atomic_write_json, atomic_write_text
 from .runner import (EVAL_VERSION, bootstrap_file, config_hash, load_recipe,
-                     test_recipe, train_recipe)
+                     test_recipe)
 
 _PLACEHOLDER = re.compile(r'\{([A-Za-z_][A-Za-z0-9_]*)\}')
 _SEED_KEY = 'randomness.seed'
