@@ -1,11 +1,14 @@
 """The malloc tuning kdzoo applies at start-up (kdzoo/utils/allocator.py).
 
 The behavioural check counts minor page faults of a churn loop that mimics a
-training step (24 one-MiB buffers allocated, written and freed per round):
-with glibc's defaults every round gives the freed top of the heap back to
-the kernel and faults all 24 MiB in again (~6,100 faults a round, 122,240
-over 20 rounds here); tuned, the memory stays mapped and the rounds fault
-nothing. The test asks for a factor of 10 between the two, far from both.
+training step (buffers allocated, written and freed per round). With 24
+one-MiB buffers, glibc's defaults give the freed top of the heap back to
+the kernel every round and fault all 24 MiB in again (~6,100 faults a
+round, 122,240 over 20 rounds here); with two 64 MiB buffers (above glibc's
+largest mmap threshold, like a 112 px batch's activations) every block is
+mapped and unmapped (~32,800 faults a round). Tuned, the memory stays in
+the heap and the rounds fault nothing. The test asks for a factor of 10
+between the two, far from both.
 """
 import os
 import platform
@@ -27,15 +30,16 @@ _CHURN = textwrap.dedent('''
     libc.malloc.argtypes = [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]
     mode = sys.argv[1]
+    size, count = int(sys.argv[2]) << 20, int(sys.argv[3])
     if mode != 'default':
         from kdzoo.utils.allocator import tune_allocator
         print('applied', tune_allocator()['applied'], flush=True)
 
     def rounds(n):
         for _ in range(n):
-            ptrs = [libc.malloc(1 << 20) for _ in range(24)]
+            ptrs = [libc.malloc(size) for _ in range(count)]
             for p in ptrs:
-                ctypes.memset(p, 1, 1 << 20)
+                ctypes.memset(p, 1, size)
             for p in reversed(ptrs):
                 libc.free(p)
 
@@ -67,9 +71,10 @@ def _keep_this_process_state():
     allocator._applied = state
 
 
-def _faults(mode, env=None):
+def _faults(mode, env=None, mib=1, count=24):
     out = subprocess.run(
-        [sys.executable, '-c', _CHURN, mode], capture_output=True, text=True,
+        [sys.executable, '-c', _CHURN, mode, str(mib), str(count)],
+        capture_output=True, text=True,
         env=dict(os.environ, **(env or {})), check=True).stdout
     lines = dict(line.split(' ', 1) for line in out.strip().splitlines())
     return int(lines['faults']), lines.get('applied')
@@ -86,14 +91,17 @@ def _huge_pages_always() -> bool:
 
 
 @glibc_only
-def test_tuning_stops_the_heap_churn_and_reaches_forked_workers():
+@pytest.mark.parametrize('mib,count', [(1, 24), (64, 2)],
+                         ids=['heap-top', 'above-mmap-threshold'])
+def test_tuning_stops_the_churn_and_reaches_forked_workers(mib, count):
     if _huge_pages_always():
         pytest.skip('transparent huge pages are always on here')
-    default, _ = _faults('default')
-    tuned, applied = _faults('tuned', {allocator.ENV_SWITCH: '1'})
-    forked, _ = _faults('forked', {allocator.ENV_SWITCH: '1'})
+    default, _ = _faults('default', mib=mib, count=count)
+    tuned, applied = _faults('tuned', {allocator.ENV_SWITCH: '1'}, mib, count)
+    forked, _ = _faults('forked', {allocator.ENV_SWITCH: '1'}, mib, count)
     assert applied == 'True'
-    assert default > 20 * 24 * 256 // 2  # the untuned loop does churn
+    # the untuned loop does churn: about every page of every round
+    assert default > 20 * count * mib * 256 // 2
     assert tuned * 10 < default
     assert forked * 10 < default
 

@@ -53,6 +53,7 @@ def test_end_to_end_bench_measures_both_sides(tmp_path):
     for (side, malloc), row in rows.items():
         assert row['iters'] == 2 and row['images_per_s'] > 0
         assert 0 <= row['kernel_share'] <= 1
+        assert row['peak_rss_mib'] > 0
         assert row['malloc_tuning'] is (malloc == 'on' and TUNABLE)
     assert set(record['ratios']) == {
         'kdzoo / plain images/s (malloc off)',

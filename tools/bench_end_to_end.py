@@ -18,12 +18,12 @@ weight decay 5e-4), gradient clipping at norm 5 and seed:
 Each side runs in its own process, one at a time. After ``--warmup``
 iterations the process (and its DataLoader workers) is measured for
 ``--iters`` iterations: wall time, user and system CPU seconds, minor page
-faults (``/proc``). ``--malloc on`` is kdzoo's default process setting
-(``kdzoo/utils/allocator.py``) on both sides, ``off`` glibc's defaults
-(``both``: each). Prints a table, writes JSON.
+faults (``/proc``), and the process's peak resident memory. ``--malloc
+on`` is kdzoo's default process setting (``kdzoo/utils/allocator.py``) on
+both sides, ``off`` glibc's defaults (``both``: each). Prints a table, writes JSON.
 
     python tools/bench_end_to_end.py [--data-root DIR] [--image-size 112]
-        [--batch-size 128] [--warmup 5] [--iters 20] [--workers 0]
+        [--batch-size 128] [--warmup 5] [--iters 40] [--workers 0]
         [--malloc both] [--out bench_end_to_end.json]
 """
 import argparse
@@ -231,8 +231,12 @@ def _side(args):
     import kdzoo  # noqa: F401  (registers everything)
     record = run_kdzoo(args) if args.side == 'kdzoo' else run_plain(args)
     from kdzoo.utils.allocator import malloc_tuning
+    import resource
     record.update(malloc_tuning=malloc_tuning(),
-                  threads=torch.get_num_threads())
+                  threads=torch.get_num_threads(),
+                  # the process's largest resident set (KiB on Linux)
+                  peak_rss_mib=round(resource.getrusage(
+                      resource.RUSAGE_SELF).ru_maxrss / 1024))
     with open(args.result, 'w') as f:
         json.dump(record, f)
 
@@ -244,7 +248,7 @@ def main(argv=None):
     p.add_argument('--image-size', type=int, default=112)
     p.add_argument('--batch-size', type=int, default=128)
     p.add_argument('--warmup', type=int, default=5)
-    p.add_argument('--iters', type=int, default=20)
+    p.add_argument('--iters', type=int, default=40)
     p.add_argument('--workers', type=int, default=0)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--malloc', choices=('on', 'off', 'both'), default='both')
@@ -297,7 +301,7 @@ def main(argv=None):
                   rows=rows, ratios=ratios)
     cols = ('side', 'malloc', 'images_per_s', 's_per_iter',
             'user_cpu_s_per_s', 'system_cpu_s_per_s', 'kernel_share',
-            'minor_faults_per_s')
+            'minor_faults_per_s', 'peak_rss_mib')
     print(f'{record["cpu"]} ({record["cores"]} cores, '
           f'{record["cpu_capability"]}), {args.image_size} px, batch '
           f'{args.batch_size}, {args.workers} workers, {args.iters} iters '

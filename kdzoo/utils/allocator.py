@@ -6,13 +6,18 @@ of the heap above ``M_TRIM_THRESHOLD`` is returned to the kernel and large
 blocks are served by ``mmap``; both make the next step fault every page in
 again: on a 2-core CPU a 112 px real-face training run spent 28 % of its
 CPU time in the kernel (164,000 minor page faults/s) and ran at 0.65x a
-plain PyTorch loop; with this setting 5 % (62,000/s) and 0.98x (see
-docs/speed.md).
+plain PyTorch loop; with this setting under 1 % (about 1,000/s) and as fast
+as the plain loop (see docs/speed.md).
 
 :func:`tune_allocator` sets, through ``mallopt``:
 
+- ``M_MMAP_MAX`` 0: no block is served by ``mmap``, so the large
+  activation buffers (a 112 px batch of 128 has several of 50-100 MiB,
+  above glibc's largest mmap threshold of 32 MiB) are reused from the heap
+  instead of being mapped, faulted in and unmapped every step;
 - ``M_MMAP_THRESHOLD`` 32 MiB (glibc's largest; it also turns off the
-  dynamic threshold, which starts at 128 KiB);
+  dynamic threshold, which starts at 128 KiB; it matters only where a user
+  raises ``M_MMAP_MAX`` again);
 - ``M_TRIM_THRESHOLD`` 1 GiB (keep up to 1 GiB of freed top-of-heap);
 - ``M_TOP_PAD`` 256 MiB (grow the heap in large steps).
 
@@ -38,7 +43,9 @@ ENV_SWITCH = 'KDZOO_MALLOC_TUNING'
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 MALLOC_SETTINGS = {
+    'M_MMAP_MAX': (_M_MMAP_MAX, 0),
     'M_MMAP_THRESHOLD': (_M_MMAP_THRESHOLD, 32 << 20),
     'M_TRIM_THRESHOLD': (_M_TRIM_THRESHOLD, 1 << 30),
     'M_TOP_PAD': (_M_TOP_PAD, 256 << 20),
