@@ -1,4 +1,4 @@
-"""Skip-and-count for unreadable training items (issue 7, bad data)."""
+"""Skip-and-count for unreadable training items."""
 import os
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""``kdzoo bench`` (issue 6 part 3): every setting runs and reports, the
+"""``kdzoo bench``: every setting runs and reports, the
 cached teachers serve exactly the online teachers' embeddings, the plain
 loop computes the same loss as kdzoo, FLOPs match hand counts, and bad
 options fail with one clear line. No timing is asserted."""

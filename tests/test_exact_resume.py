@@ -1,5 +1,5 @@
 """Exact resume with random flips on: RNG states in checkpoints, and resume
-in the middle of an epoch from an iteration checkpoint (issue 7, resume)."""
+in the middle of an epoch from an iteration checkpoint."""
 import os
 import random
 import time

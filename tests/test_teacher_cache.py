@@ -1,5 +1,5 @@
 """Teacher-output cache: keys, storage, serving, and equality with running
-the teacher online (issue 5, part 4)."""
+the teacher online."""
 import glob
 import os
 

@@ -21,7 +21,8 @@ from kdzoo.heads.partial_fc import PartialFC
 from kdzoo.registry import HEADS
 from kdzoo.utils import ConfigError
 
-NEW_HEADS = (AdaFace, MagFace, PartialFC)
+# the heads this file covers (ArcFace, CosFace, CurricularFace: test_heads.py)
+HEADS_HERE = (AdaFace, MagFace, PartialFC)
 
 
 def at(deg, r=1.0):
@@ -564,7 +565,7 @@ def test_partial_fc_two_rank_gloo_equals_full_softmax(tmp_path):
 
 
 # ======================================================== shared behaviour
-@pytest.mark.parametrize('cls', NEW_HEADS)
+@pytest.mark.parametrize('cls', HEADS_HERE)
 def test_low_precision_and_autocast_give_float32(cls):
     head = cls(num_classes=6, embedding_size=8).eval()
     emb = torch.randn(5, 8) * 20
@@ -577,7 +578,7 @@ def test_low_precision_and_autocast_give_float32(cls):
         assert value.dtype == torch.float32 and torch.isfinite(value)
 
 
-@pytest.mark.parametrize('cls', NEW_HEADS)
+@pytest.mark.parametrize('cls', HEADS_HERE)
 def test_registry_and_base_contract(cls):
     head = HEADS.build(dict(type=cls.__name__, num_classes=11,
                             embedding_size=6))
@@ -631,7 +632,7 @@ def test_magface_loss_mag_logged_by_distiller():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize('cls', NEW_HEADS)
+@pytest.mark.parametrize('cls', HEADS_HERE)
 def test_cuda_fp16_autocast(cls):
     head = cls(num_classes=50, embedding_size=32).cuda().train()
     emb = (torch.randn(16, 32, device='cuda') * 20).requires_grad_(True)
