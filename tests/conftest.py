@@ -35,6 +35,19 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _registrations_stay_in_their_test():
+    """Components a test registers (plugins, spies) are unregistered when
+    it ends, so registry-wide tests see the same registry in any order."""
+    from kdzoo.registry import LISTABLE
+    before = {kind: set(registry.module_dict)
+              for kind, registry in LISTABLE.items()}
+    yield
+    for kind, registry in LISTABLE.items():
+        for name in set(registry.module_dict) - before[kind]:
+            registry._module_dict.pop(name, None)
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield

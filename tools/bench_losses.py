@@ -10,7 +10,6 @@ JSON with the device, versions and settings. Speed lives here, never in
 tests.
 """
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -22,6 +21,7 @@ import time
 import torch
 
 import kdzoo
+from kdzoo.losses.base import loss_signature
 from kdzoo.registry import LOSSES
 from kdzoo.utils import atomic_write_json
 
@@ -121,8 +121,7 @@ def main(argv=None):
                                      'timed as part of training')
                     continue
                 loss = cls(**configs.get(name, {})).to(device).train()
-                params = [p for p in inspect.signature(
-                    loss.forward).parameters if p != 'self']
+                params = list(loss_signature(loss).parameters)
                 g = torch.Generator().manual_seed(0)
                 inputs = make_inputs(params, args.batch, args.dim, device, g)
                 if hasattr(loss, 'check_shapes'):

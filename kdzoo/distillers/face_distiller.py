@@ -11,6 +11,7 @@ from kdzoo.registry import (BACKBONES, CONNECTORS, HEADS, LOSSES, MODELS,
                             TEACHERS)
 from kdzoo.utils import ConfigError, did_you_mean
 from kdzoo.engine.numerics import NonFiniteLossCheckMixin
+from kdzoo.losses.base import loss_signature
 from .inference import InferenceBackbone
 from .taps import Tap, TapRecorder, parse_tap, resolve_module_path
 
@@ -191,19 +192,19 @@ class FaceDistiller(NonFiniteLossCheckMixin, BaseModel):
         if not isinstance(inputs, dict) or not inputs:
             raise ConfigError(
                 f'{where} ({loss_type}) needs inputs=dict(...) binding its '
-                f'forward arguments {list(params)} to taps, e.g. '
+                f'arguments {list(params)} to taps, e.g. '
                 f'inputs=dict({next(iter(params), "x")}="student.embedding")')
         unknown = [a for a in inputs if a not in params]
         if unknown:
             raise ConfigError(f'{where} ({loss_type}): unknown argument(s) '
-                              f'{unknown} in inputs; {loss_type}.forward '
-                              f'takes {list(params)}')
+                              f'{unknown} in inputs; {loss_type} takes '
+                              f'{list(params)}')
         missing = [a for a, p in params.items()
                    if p.default is inspect.Parameter.empty and a not in inputs]
         if missing:
             raise ConfigError(f'{where} ({loss_type}): inputs lacks required '
-                              f'argument(s) {missing}; {loss_type}.forward '
-                              f'takes {list(params)}')
+                              f'argument(s) {missing}; {loss_type} takes '
+                              f'{list(params)}')
         bindings = []
         for arg, spec in inputs.items():
             connector = None
@@ -371,6 +372,8 @@ class FaceDistiller(NonFiniteLossCheckMixin, BaseModel):
                     try:
                         if check is not None:
                             check(shapes)
+                        # checked once here, not at every step
+                        self.distill_losses[name].inputs_checked = True
                     except (ValueError, KeyError) as e:
                         bound = ', '.join(f'{b.arg} <- {b.describe()}'
                                           for b in bindings)
@@ -527,7 +530,7 @@ def _present(entries: Optional[dict]) -> dict:
 
 
 def _forward_params(loss: nn.Module) -> Dict[str, inspect.Parameter]:
-    sig = inspect.signature(loss.forward)
+    sig = loss_signature(loss)
     return OrderedDict(
         (n, p) for n, p in sig.parameters.items()
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))

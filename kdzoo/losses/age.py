@@ -194,15 +194,14 @@ class AgeNormRegressionLoss(BaseDistillLoss):
         """``age_scale * ages + age_offset`` (the regression target)."""
         return self.age_scale * ages + self.age_offset
 
-    def forward(self, s_emb: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_emb=s_emb.shape, ages=ages.shape))
+    def loss(self, s_emb: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
         ages, known = _known_ages(type(self).__name__, ages, s_emb.device)
         norm = torch.linalg.vector_norm(s_emb.float(), dim=1)
         sq = (norm - self.target_norm(ages)).pow(2)
         count = known.sum()
         loss = torch.where(known, sq, torch.zeros_like(sq)).sum() / \
             count.clamp_min(1)
-        return self.loss_weight * loss
+        return loss
 
     def extra_repr(self):
         return (f'age_scale={self.age_scale}, age_offset={self.age_offset}, '
@@ -315,10 +314,9 @@ class AgeAdversarialLoss(BaseDistillLoss):
         scaled = (ages - low) / (high - low) * self.num_age_groups
         return scaled.floor().clamp(0, self.num_age_groups - 1).long()
 
-    def forward(self, s_emb: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+    def loss(self, s_emb: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
         if self.classifier is None and s_emb.dim() == 2:
             self._build_classifier(s_emb.shape[1], s_emb.device)
-        self.check_shapes(dict(s_emb=s_emb.shape, ages=ages.shape))
         ages, known = _known_ages(type(self).__name__, ages, s_emb.device)
         x_hat = F.normalize(s_emb.float(), dim=1)
         logits = self.classifier(gradient_reversal(x_hat, self.grl_lambda))
@@ -326,7 +324,7 @@ class AgeAdversarialLoss(BaseDistillLoss):
                              reduction='none')
         loss = torch.where(known, ce, torch.zeros_like(ce)).sum() / \
             known.sum().clamp_min(1)
-        return self.loss_weight * loss
+        return loss
 
     def extra_repr(self):
         return (f'embedding_size={self.embedding_size}, num_age_groups='
@@ -394,17 +392,15 @@ class CrossAgeCompactnessLoss(BaseDistillLoss):
         upper = torch.ones_like(valid).triu(diagonal=1)
         return torch.where(valid & upper, w, torch.zeros_like(w))
 
-    def forward(self, s_emb: torch.Tensor, labels: torch.Tensor,
-                ages: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_emb=s_emb.shape, labels=labels.shape,
-                               ages=ages.shape))
+    def loss(self, s_emb: torch.Tensor, labels: torch.Tensor,
+             ages: torch.Tensor) -> torch.Tensor:
         ages, known = _known_ages(type(self).__name__, ages, s_emb.device)
         w = self.pair_weights(labels.to(s_emb.device), ages, known)
         x = F.normalize(s_emb.to(torch.promote_types(s_emb.dtype,
                                                      torch.float32)), dim=1)
         w = w.to(x.dtype)
         loss = (w * (1 - x @ x.t())).sum() / w.sum().clamp_min(1e-12)
-        return self.loss_weight * loss
+        return loss
 
     def extra_repr(self):
         return (f'age_gap_scale={self.age_gap_scale}, gamma={self.gamma}, '

@@ -49,12 +49,11 @@ class AngularDistillationLoss(BaseDistillLoss):
             'proj=dict(type="LinearProjector", out_features=<teacher D>)) and '
             's_emb=dict(tap="student.embedding", connector="proj").')
 
-    def forward(self, s_emb: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_emb=s_emb.shape, t_emb=t_emb.shape))
-        cos = F.cosine_similarity(s_emb.float(), t_emb.detach().float(),
+    def loss(self, s_emb: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        cos = F.cosine_similarity(s_emb.float(), t_emb.float(),
                                   dim=1, eps=self.eps)
         loss = (1.0 - cos).clamp_min(0.0).pow(self.p).mean()
-        return self.loss_weight * loss
+        return loss
 
     def extra_repr(self):
         return f'p={self.p}, ' + super().extra_repr()
@@ -287,11 +286,11 @@ class StagewiseAngularLoss(BaseDistillLoss):
             raise ValueError(msg)
 
     # ----------------------------------------------------------- forward
-    def forward(self, t_emb: torch.Tensor,
-                s_feat1: Optional[torch.Tensor] = None,
-                s_feat2: Optional[torch.Tensor] = None,
-                s_feat3: Optional[torch.Tensor] = None,
-                s_feat4: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def loss(self, t_emb: torch.Tensor,
+             s_feat1: Optional[torch.Tensor] = None,
+             s_feat2: Optional[torch.Tensor] = None,
+             s_feat3: Optional[torch.Tensor] = None,
+             s_feat4: Optional[torch.Tensor] = None) -> torch.Tensor:
         feats = {1: s_feat1, 2: s_feat2, 3: s_feat3, 4: s_feat4}
         shapes = {f's_feat{s}': f.shape for s, f in feats.items()
                   if f is not None}
@@ -303,7 +302,7 @@ class StagewiseAngularLoss(BaseDistillLoss):
             teacher.train(False)
         param = next(network.parameters(), None)
         dtype = param.dtype if param is not None else torch.float32
-        target = t_emb.detach().float()
+        target = t_emb.float()
         total = t_emb.new_zeros((), dtype=torch.float32)
         for s, weight in zip(self.stages, self.stage_weights):
             x = feats[s]
@@ -315,7 +314,7 @@ class StagewiseAngularLoss(BaseDistillLoss):
                                       eps=self._EPS)
             term = (1.0 - cos).clamp_min(0.0).pow(self.p).mean()
             total = total + weight * term
-        return self.loss_weight * total
+        return total
 
     def extra_repr(self):
         return (f'teacher={self.teacher!r}, stages={self.stages}, '

@@ -194,30 +194,24 @@ class AgeAttentionLoss(BaseDistillLoss):
                                  align_corners=False)
         return F.interpolate(a, size=size, mode=self.resize)
 
-    def forward(self, s_feat: torch.Tensor, t_feat: torch.Tensor,
-                s_map: Optional[torch.Tensor] = None,
-                t_map: Optional[torch.Tensor] = None) -> torch.Tensor:
-        shapes = dict(s_feat=s_feat.shape, t_feat=t_feat.shape)
-        if s_map is not None:
-            shapes['s_map'] = s_map.shape
-        if t_map is not None:
-            shapes['t_map'] = t_map.shape
-        self.check_shapes(shapes)
-        a_t = self.map_attention(t_feat.detach())
+    def loss(self, s_feat: torch.Tensor, t_feat: torch.Tensor,
+             s_map: Optional[torch.Tensor] = None,
+             t_map: Optional[torch.Tensor] = None) -> torch.Tensor:
+        a_t = self.map_attention(t_feat)
         if self.attention_use == 'transfer':
             a_s = self._resize(self.map_attention(s_feat), a_t.shape[-2:])
             diff = (F.normalize(a_s.flatten(1), dim=1) -
                     F.normalize(a_t.flatten(1), dim=1))
-            return self.loss_weight * diff.pow(2).mean()
+            return diff.pow(2).mean()
         # 'weight': spatial weight from the age teacher, mean 1 per sample
         w = self._resize(a_t, s_map.shape[-2:]).flatten(1)  # B×HW, detached
         mean = w.mean(1, keepdim=True)
         w = torch.where(mean > 0, w / mean.clamp_min(1e-30),
                         torch.ones_like(w))
         s_hat = F.normalize(s_map.float(), dim=1, eps=1e-12)
-        t_hat = F.normalize(t_map.detach().float(), dim=1, eps=1e-12)
+        t_hat = F.normalize(t_map.float(), dim=1, eps=1e-12)
         per_pos = (s_hat - t_hat).pow(2).mean(1).flatten(1)  # B×HW
-        return self.loss_weight * (w * per_pos).mean()
+        return (w * per_pos).mean()
 
     def extra_repr(self):
         return (f'q={self.q}, attention_use={self.attention_use!r}, '
@@ -347,7 +341,7 @@ class TeacherAttentionAngularLoss(BaseDistillLoss):
             nn.Linear(self.hidden, 2)).to(self._anchor.device)
 
     # ------------------------------------------------------------ checks
-    def _validate(self, shapes) -> None:
+    def validate_shapes(self, shapes) -> None:
         for arg in self.ARGS:
             require_ndim(arg, shapes[arg], 2, 'B×D embeddings')
         _same_batch({arg: shapes[arg] for arg in self.ARGS})
@@ -378,7 +372,7 @@ class TeacherAttentionAngularLoss(BaseDistillLoss):
 
     def check_shapes(self, shapes):
         """Validate the shapes and build ``g`` if ``teacher_dim`` was None."""
-        self._validate(shapes)
+        self.validate_shapes(shapes)
         if self.g is None:
             self._build_gate((int(shapes['t_emb_1'][1]),
                               int(shapes['t_emb_2'][1])))
@@ -409,10 +403,8 @@ class TeacherAttentionAngularLoss(BaseDistillLoss):
         soft = torch.softmax(logits / self.tau, dim=1)
         return self.alpha_min + (1.0 - 2.0 * self.alpha_min) * soft
 
-    def forward(self, s_emb_1: torch.Tensor, t_emb_1: torch.Tensor,
-                s_emb_2: torch.Tensor, t_emb_2: torch.Tensor) -> torch.Tensor:
-        self._validate(dict(s_emb_1=s_emb_1.shape, t_emb_1=t_emb_1.shape,
-                            s_emb_2=s_emb_2.shape, t_emb_2=t_emb_2.shape))
+    def loss(self, s_emb_1: torch.Tensor, t_emb_1: torch.Tensor,
+             s_emb_2: torch.Tensor, t_emb_2: torch.Tensor) -> torch.Tensor:
         if self.g is None:
             raise RuntimeError(
                 f'{type(self).__name__}: the gate g is not built yet. Set '
@@ -428,7 +420,7 @@ class TeacherAttentionAngularLoss(BaseDistillLoss):
         self.last_weights = alpha.detach().mean(0)
         distill = (alpha * d).sum(1).mean()
         neg_entropy = torch.xlogy(alpha, alpha).sum(1).mean()
-        return self.loss_weight * (distill + self.beta * neg_entropy)
+        return distill + self.beta * neg_entropy
 
     def log_vars(self):
         """The batch-mean weight of each teacher (``weight_1``, ``weight_2``)."""

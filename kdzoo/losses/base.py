@@ -1,47 +1,127 @@
 """The loss plugin contract.
 
-A kdzoo distillation loss is an ``nn.Module`` registered in ``LOSSES`` whose
-``forward`` takes **named tensors** and returns a scalar that is already
-multiplied by ``loss_weight``. The recipe binds each forward argument to a
-tapped tensor through the loss's ``inputs`` mapping, e.g.::
+A kdzoo distillation loss is a :class:`BaseDistillLoss` registered in
+``LOSSES`` that writes its maths in one method, ``loss``, whose arguments
+are **named tensors**. The recipe binds each argument to a tapped tensor
+through the loss's ``inputs`` mapping, e.g.::
 
     loss_ang=dict(type='AngularDistillationLoss', loss_weight=1.0,
                   inputs=dict(s_emb='student.embedding',
                               t_emb='teacher_fr.embedding'))
 
-The distiller reads the argument names from the ``forward`` signature
-(arguments without a default are required) and, once at build time, calls
-``check_shapes`` with the shapes the bound tensors will have, so a recipe with
-mismatched shapes fails before training starts.
+``BaseDistillLoss.forward`` owns the frame around ``loss``:
+
+1. the shapes are checked (``validate_shapes``, by default
+   ``check_shapes``) when the loss is called on its own; inside a
+   ``FaceDistiller`` they are checked once, when the model is built
+   (``check_shapes``, then ``inputs_checked``), not at every step;
+2. the teacher-side arguments (``teacher_args``; by default every argument
+   named ``t_*``) are detached: no gradient reaches a teacher;
+3. ``loss`` runs with autocast disabled and half-precision floating inputs
+   raised to float32 (float32 and float64 inputs are passed as they are);
+4. the result is multiplied by ``loss_weight``.
+
+The distiller reads the argument names from the ``loss`` signature
+(arguments without a default are required). A plugin that overrides
+``forward`` itself (the older form) still works; it then owns the frame.
 """
 import contextlib
+import inspect
 import math
-from typing import Dict
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from kdzoo.utils import ConfigError
 
+_HALF = (torch.float16, torch.bfloat16)
+
 
 class BaseDistillLoss(nn.Module):
-    """Base class of kdzoo loss plugins (forward returns weighted scalar)."""
+    """Base class of kdzoo loss plugins: subclasses write ``loss``."""
+
+    #: names of the arguments that come from a teacher (detached before
+    #: ``loss`` sees them); ``None``: every argument whose name starts with
+    #: ``t_``.
+    teacher_args: Optional[Tuple[str, ...]] = None
 
     def __init__(self, loss_weight: float = 1.0):
         super().__init__()
-        if not isinstance(loss_weight, (int, float)) or not math.isfinite(
+        if not isinstance(loss_weight, (int, float)) or isinstance(
+                loss_weight, bool) or not math.isfinite(
                 loss_weight) or loss_weight < 0:
             raise ConfigError(
                 f'{type(self).__name__}: loss_weight must be a finite number '
                 f'>= 0, got {loss_weight!r}')
         self.loss_weight = float(loss_weight)
+        #: set by the distiller once it has checked the bound shapes
+        self.inputs_checked = False
+
+    # ------------------------------------------------------------ contract
+    def loss(self, *args, **kwargs) -> torch.Tensor:
+        """The unweighted loss from the named input tensors (plugins)."""
+        raise NotImplementedError(
+            f'{type(self).__name__} defines neither loss(...) nor forward(...)')
+
+    @classmethod
+    def input_signature(cls) -> inspect.Signature:
+        """The signature the distiller binds: ``loss``'s, or ``forward``'s
+        for a plugin that overrides ``forward`` itself."""
+        own = cls.__dict__.get('_kdzoo_signature')
+        if own is None:
+            method = (cls.forward if cls.forward is not BaseDistillLoss.forward
+                      else cls.loss)
+            sig = inspect.signature(method)
+            own = sig.replace(parameters=[
+                p for name, p in sig.parameters.items() if name != 'self'])
+            cls._kdzoo_signature = own
+        return own
+
+    @classmethod
+    def teacher_arg_names(cls) -> Tuple[str, ...]:
+        names = tuple(cls.input_signature().parameters)
+        if cls.teacher_args is not None:
+            return tuple(cls.teacher_args)
+        return tuple(n for n in names if n.startswith('t_'))
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        bound = self.input_signature().bind(*args, **kwargs)
+        values = bound.arguments
+        if not self.inputs_checked:
+            self.validate_shapes({name: value.shape
+                               for name, value in values.items()
+                               if torch.is_tensor(value)})
+        device_type = 'cpu'
+        teacher = self.teacher_arg_names()
+        for name, value in values.items():
+            if not torch.is_tensor(value):
+                continue
+            device_type = value.device.type
+            if name in teacher:
+                value = value.detach()
+            if value.dtype in _HALF:
+                value = value.float()
+            values[name] = value
+        with no_autocast(device_type):
+            value = self.loss(*bound.args, **bound.kwargs)
+        return self.loss_weight * value
 
     def check_shapes(self, shapes: Dict[str, torch.Size]) -> None:
         """Raise ``ValueError`` if the bound tensors' shapes cannot work.
 
-        ``shapes`` maps forward argument names to shapes (batch included).
-        The default accepts anything; plugins override it.
+        ``shapes`` maps argument names to shapes (batch included). The
+        distiller calls it once, at build time, before the optimizer exists,
+        so a loss may also build its shape-dependent parameters here. The
+        default accepts anything; plugins override it.
         """
+
+    def validate_shapes(self, shapes: Dict[str, torch.Size]) -> None:
+        """What ``forward`` checks when the loss is called on its own:
+        ``check_shapes`` unless that builds parameters (a loss that does
+        overrides this with the checks alone, so that nothing is built
+        after the optimizer was made)."""
+        self.check_shapes(shapes)
 
     def log_vars(self) -> Dict[str, float]:
         """Extra scalars to log after a forward (none by default).
@@ -64,6 +144,15 @@ class BaseDistillLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f'loss_weight={self.loss_weight}'
+
+
+def loss_signature(loss: nn.Module) -> inspect.Signature:
+    """The named inputs a loss module takes (``self`` excluded): its
+    ``input_signature()`` for a :class:`BaseDistillLoss`, else the signature
+    of ``forward`` (any ``nn.Module`` registered as a loss)."""
+    if isinstance(loss, BaseDistillLoss):
+        return loss.input_signature()
+    return inspect.signature(loss.forward)
 
 
 def require_ndim(name: str, shape, ndim: int, what: str) -> None:

@@ -117,19 +117,31 @@ class CRDLoss(BaseDistillLoss):
         self.register_buffer('Z_t', torch.tensor(-1.0))
 
     # ------------------------------------------------------------ building
-    def _make_embed(self, attr: str, dim_attr: str, arg: str, dim: int):
+    def _check_embed(self, attr: str, dim_attr: str, arg: str, dim: int):
         current = getattr(self, attr)
-        if current is None:
-            layer = nn.Linear(dim, self.feat_dim).to(self.memory_s.device)
-            setattr(self, attr, layer)
-            setattr(self, dim_attr, dim)
-        elif current.in_features != dim:
+        if current is not None and current.in_features != dim:
             raise ValueError(
                 f'{arg} has {dim} features (shape after flattening) but '
                 f'CRDLoss.{dim_attr}={current.in_features}; set {dim_attr}='
                 f'{dim} (or leave it None to infer it)')
 
+    def _make_embed(self, attr: str, dim_attr: str, arg: str, dim: int):
+        self._check_embed(attr, dim_attr, arg, dim)
+        if getattr(self, attr) is None:
+            layer = nn.Linear(dim, self.feat_dim).to(self.memory_s.device)
+            setattr(self, attr, layer)
+            setattr(self, dim_attr, dim)
+
     def check_shapes(self, shapes):
+        """Validate, then build the embed heads the config left to the
+        bound shapes (``s_dim``/``t_dim`` None)."""
+        self.validate_shapes(shapes)
+        self._make_embed('embed_s', 's_dim', 's_emb',
+                         math.prod(shapes['s_emb'][1:]))
+        self._make_embed('embed_t', 't_dim', 't_emb',
+                         math.prod(shapes['t_emb'][1:]))
+
+    def validate_shapes(self, shapes):
         s_shape, t_shape = shapes['s_emb'], shapes['t_emb']
         for name, shape in (('s_emb', s_shape), ('t_emb', t_shape)):
             if len(shape) < 2:
@@ -150,10 +162,8 @@ class CRDLoss(BaseDistillLoss):
             raise ValueError(f'labels has shape {tuple(shapes["labels"])} '
                              f'but indices has shape {tuple(idx_shape)}; '
                              'they must match')
-        self._make_embed('embed_s', 's_dim', 's_emb',
-                         math.prod(s_shape[1:]))
-        self._make_embed('embed_t', 't_dim', 't_emb',
-                         math.prod(t_shape[1:]))
+        self._check_embed('embed_s', 's_dim', 's_emb', math.prod(s_shape[1:]))
+        self._check_embed('embed_t', 't_dim', 't_emb', math.prod(t_shape[1:]))
 
     # ------------------------------------------------------------ pieces
     def sample_negatives(self, indices: torch.Tensor) -> torch.Tensor:
@@ -200,17 +210,14 @@ class CRDLoss(BaseDistillLoss):
         memory.index_copy_(0, indices, F.normalize(pos, p=2, dim=1))
 
     # ------------------------------------------------------------ forward
-    def forward(self, s_emb: torch.Tensor, t_emb: torch.Tensor,
-                indices: torch.Tensor,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def loss(self, s_emb: torch.Tensor, t_emb: torch.Tensor,
+             indices: torch.Tensor,
+             labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         if self.embed_s is None or self.embed_t is None:
             raise RuntimeError(
                 'CRDLoss: the embed heads are not built: give s_dim and t_dim '
                 'in the config (or let the distiller call check_shapes at '
                 'build time, before the optimizer is created)')
-        self.check_shapes(dict(
-            s_emb=s_emb.shape, t_emb=t_emb.shape, indices=indices.shape,
-            labels=None if labels is None else labels.shape))
         indices = indices.long()
         bad = (indices < 0) | (indices >= self.num_data)
         if bool(bad.any()):
@@ -220,7 +227,7 @@ class CRDLoss(BaseDistillLoss):
                 'the training-set size (the number of distinct data.index '
                 'values)')
         v_s = self._embed(self.embed_s, s_emb)
-        v_t = self._embed(self.embed_t, t_emb.detach())
+        v_t = self._embed(self.embed_t, t_emb)
         idx = torch.cat([indices.unsqueeze(1),
                          self.sample_negatives(indices)], dim=1)
         # student anchor vs teacher memory; teacher anchor vs student memory
@@ -230,7 +237,7 @@ class CRDLoss(BaseDistillLoss):
         if self.training:
             self._update(self.memory_s, indices, v_s)
             self._update(self.memory_t, indices, v_t)
-        return self.loss_weight * loss
+        return loss
 
     def extra_repr(self):
         return (f'num_data={self.num_data}, s_dim={self.s_dim}, '

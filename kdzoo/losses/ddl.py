@@ -7,7 +7,7 @@ from mmengine.logging import print_log
 
 from kdzoo.registry import LOSSES
 from kdzoo.utils import ConfigError
-from .base import (BaseDistillLoss, is_finite_number, no_autocast,
+from .base import (BaseDistillLoss, is_finite_number,
                    require_embeddings_and_labels)
 
 
@@ -134,14 +134,8 @@ class DDLLoss(BaseDistillLoss):
             print_log(f'DDLLoss: {msg}', logger='current',
                       level=logging.WARNING)
 
-    def forward(self, s_emb: torch.Tensor, t_emb: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_emb=s_emb.shape, t_emb=t_emb.shape,
-                               labels=labels.shape))
-        with no_autocast(s_emb.device.type):
-            return self._forward(s_emb, t_emb, labels)
-
-    def _forward(self, s_emb, t_emb, labels):
+    def loss(self, s_emb: torch.Tensor, t_emb: torch.Tensor,
+             labels: torch.Tensor) -> torch.Tensor:
         s_emb = s_emb.float()
         n = s_emb.shape[0]
         zero = s_emb.sum() * 0.0
@@ -161,7 +155,7 @@ class DDLLoss(BaseDistillLoss):
             return zero
         pos_s, neg_s = self._pairs(s_emb, same, iu, rows_ok, diff)
         with torch.no_grad():
-            pos_t, neg_t = self._pairs(t_emb.detach().float(), same, iu,
+            pos_t, neg_t = self._pairs(t_emb.float(), same, iu,
                                        rows_ok, diff)
         if pos_s.numel() == 0 or pos_t.numel() == 0:
             self._warn('pos_thr', 'no positive similarity above '
@@ -174,7 +168,7 @@ class DDLLoss(BaseDistillLoss):
         order = neg_s.mean() - pos_s.mean()
         loss = (self.pos_weight * kl_pos + self.neg_weight * kl_neg
                 + self.order_weight * order)
-        return self.loss_weight * loss
+        return loss
 
     def extra_repr(self):
         return (f'pos_weight={self.pos_weight}, neg_weight={self.neg_weight}, '

@@ -10,7 +10,7 @@ from mmengine.logging import print_log
 
 from kdzoo.registry import LOSSES
 from kdzoo.utils import ConfigError
-from .base import (BaseDistillLoss, is_finite_number, no_autocast,
+from .base import (BaseDistillLoss, is_finite_number,
                    require_embeddings_and_labels)
 
 
@@ -231,16 +231,10 @@ class EKDLoss(BaseDistillLoss):
                 logger='current', level=logging.WARNING)
 
     # -------------------------------------------------------------- forward
-    def forward(self, s_emb: torch.Tensor, t_emb: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_emb=s_emb.shape, t_emb=t_emb.shape,
-                               labels=labels.shape))
-        with no_autocast(s_emb.device.type):
-            return self._forward(s_emb, t_emb, labels)
-
-    def _forward(self, s_emb, t_emb, labels):
+    def loss(self, s_emb: torch.Tensor, t_emb: torch.Tensor,
+             labels: torch.Tensor) -> torch.Tensor:
         s_emb, t_emb, labels = self._gather(s_emb.float(),
-                                            t_emb.detach().float(), labels)
+                                            t_emb.float(), labels)
         n = s_emb.shape[0]
         s_hat = F.normalize(s_emb, dim=1)
         iu = torch.triu_indices(n, n, offset=1, device=s_emb.device)
@@ -280,7 +274,7 @@ class EKDLoss(BaseDistillLoss):
             loss_pos = zero
 
         loss = self.pos_weight * loss_pos + self.neg_weight * loss_neg
-        return self.loss_weight * loss
+        return loss
 
     def extra_repr(self):
         return (f'topk={self.topk}, tau={self.tau}, pos_weight='

@@ -74,11 +74,10 @@ class FitNetLoss(BaseDistillLoss):
         require_same_shape('s_feat', s, 't_feat', t,
                            _connector_hint(t, 's_feat'))
 
-    def forward(self, s_feat: torch.Tensor,
-                t_feat: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_feat=s_feat.shape, t_feat=t_feat.shape))
-        loss = F.mse_loss(s_feat.float(), t_feat.detach().float())
-        return self.loss_weight * loss
+    def loss(self, s_feat: torch.Tensor,
+             t_feat: torch.Tensor) -> torch.Tensor:
+        loss = F.mse_loss(s_feat.float(), t_feat.float())
+        return loss
 
 
 @LOSSES.register_module()
@@ -143,10 +142,9 @@ class ATLoss(BaseDistillLoss):
         a = a.mean(1) if self.mode == 'code' else a.sum(1)
         return F.normalize(a.flatten(1), dim=1)
 
-    def forward(self, s_feat: torch.Tensor,
-                t_feat: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_feat=s_feat.shape, t_feat=t_feat.shape))
-        s, t = s_feat.float(), t_feat.detach().float()
+    def loss(self, s_feat: torch.Tensor,
+             t_feat: torch.Tensor) -> torch.Tensor:
+        s, t = s_feat.float(), t_feat.float()
         size = (min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3]))
         if tuple(s.shape[2:]) != size:
             s = F.adaptive_avg_pool2d(s, size)
@@ -157,7 +155,7 @@ class ATLoss(BaseDistillLoss):
             loss = diff.pow(2).mean()
         else:
             loss = torch.linalg.vector_norm(diff, dim=1).mean()
-        return self.loss_weight * loss
+        return loss
 
     def extra_repr(self):
         return f'p={self.p}, mode={self.mode!r}, ' + super().extra_repr()
@@ -216,13 +214,12 @@ class PKTLoss(BaseDistillLoss):
         k = (x @ x.t() + 1.0) / 2.0
         return k / k.sum(dim=1, keepdim=True)
 
-    def forward(self, s_emb: torch.Tensor,
-                t_emb: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_emb=s_emb.shape, t_emb=t_emb.shape))
+    def loss(self, s_emb: torch.Tensor,
+             t_emb: torch.Tensor) -> torch.Tensor:
         p_s = self._affinity(s_emb.float())
-        p_t = self._affinity(t_emb.detach().float())
+        p_t = self._affinity(t_emb.float())
         loss = (p_t * torch.log((p_t + self.eps) / (p_s + self.eps))).mean()
-        return self.loss_weight * loss
+        return loss
 
     def extra_repr(self):
         return f'eps={self.eps}, ' + super().extra_repr()
@@ -274,15 +271,14 @@ class EmbeddingL2Loss(BaseDistillLoss):
         require_same_shape('s_emb', shapes['s_emb'], 't_emb', shapes['t_emb'],
                            _connector_hint(shapes['t_emb'], 's_emb'))
 
-    def forward(self, s_emb: torch.Tensor,
-                t_emb: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_emb=s_emb.shape, t_emb=t_emb.shape))
-        s, t = s_emb.float(), t_emb.detach().float()
+    def loss(self, s_emb: torch.Tensor,
+             t_emb: torch.Tensor) -> torch.Tensor:
+        s, t = s_emb.float(), t_emb.float()
         if self.normalize:
             s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)
         sq = (s - t).pow(2)
         loss = sq.sum(1).mean() if self.reduction == 'sum_mean' else sq.mean()
-        return self.loss_weight * loss
+        return loss
 
     def extra_repr(self):
         return (f'normalize={self.normalize}, reduction={self.reduction!r}, '
@@ -318,9 +314,8 @@ class CosineEmbeddingLoss(BaseDistillLoss):
         require_same_shape('s_emb', shapes['s_emb'], 't_emb', shapes['t_emb'],
                            _connector_hint(shapes['t_emb'], 's_emb'))
 
-    def forward(self, s_emb: torch.Tensor,
-                t_emb: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_emb=s_emb.shape, t_emb=t_emb.shape))
-        cos = F.cosine_similarity(s_emb.float(), t_emb.detach().float(),
+    def loss(self, s_emb: torch.Tensor,
+             t_emb: torch.Tensor) -> torch.Tensor:
+        cos = F.cosine_similarity(s_emb.float(), t_emb.float(),
                                   dim=1, eps=self.eps)
-        return self.loss_weight * (1.0 - cos).mean()
+        return (1.0 - cos).mean()

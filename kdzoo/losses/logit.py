@@ -43,14 +43,12 @@ class KDLoss(BaseDistillLoss):
                            shapes['t_logits'],
                            'Student and teacher heads need the same classes.')
 
-    def forward(self, s_logits: torch.Tensor,
-                t_logits: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_logits=s_logits.shape,
-                               t_logits=t_logits.shape))
+    def loss(self, s_logits: torch.Tensor,
+             t_logits: torch.Tensor) -> torch.Tensor:
         log_p_s = F.log_softmax(s_logits.float() / self.tau, dim=1)
-        p_t = F.softmax(t_logits.detach().float() / self.tau, dim=1)
+        p_t = F.softmax(t_logits.float() / self.tau, dim=1)
         kl = F.kl_div(log_p_s, p_t, reduction='sum') / s_logits.shape[0]
-        return self.loss_weight * kl * self.tau**2
+        return kl * self.tau**2
 
     def extra_repr(self):
         return f'tau={self.tau}, ' + super().extra_repr()
@@ -180,15 +178,13 @@ class DKDLoss(BaseDistillLoss):
             return 1.0
         return min((self.current_epoch() + 1) / self.warmup, 1.0)
 
-    def forward(self, s_logits: torch.Tensor, t_logits: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_logits=s_logits.shape,
-                               t_logits=t_logits.shape, labels=labels.shape))
+    def loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor,
+             labels: torch.Tensor) -> torch.Tensor:
         batch, classes = s_logits.shape
         labels = _check_labels(type(self).__name__, labels, classes).to(
             s_logits.device)
         z_s = s_logits.float() / self.tau
-        z_t = t_logits.detach().float() / self.tau
+        z_t = t_logits.float() / self.tau
         target = F.one_hot(labels, classes).bool()
 
         def split(z):
@@ -204,7 +200,7 @@ class DKDLoss(BaseDistillLoss):
         tckd = _kl_from_logs(log_b_t, log_b_s) / batch * self.tau**2
         nckd = _kl_from_logs(log_q_t, log_q_s) / batch * self.tau**2
         loss = self.alpha * tckd + self.beta * nckd
-        return self.loss_weight * self.warmup_factor() * loss
+        return self.warmup_factor() * loss
 
     def extra_repr(self):
         return (f'alpha={self.alpha}, beta={self.beta}, tau={self.tau}, '
@@ -271,16 +267,14 @@ class DISTLoss(BaseDistillLoss):
                            shapes['t_logits'],
                            'Student and teacher heads need the same classes.')
 
-    def forward(self, s_logits: torch.Tensor,
-                t_logits: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_logits=s_logits.shape,
-                               t_logits=t_logits.shape))
+    def loss(self, s_logits: torch.Tensor,
+             t_logits: torch.Tensor) -> torch.Tensor:
         y_s = F.softmax(s_logits.float() / self.tau, dim=1)
-        y_t = F.softmax(t_logits.detach().float() / self.tau, dim=1)
+        y_t = F.softmax(t_logits.float() / self.tau, dim=1)
         inter = 1.0 - _pearson_rows(y_s, y_t, self.eps).mean()
         intra = 1.0 - _pearson_rows(y_s.t(), y_t.t(), self.eps).mean()
         loss = self.tau**2 * (self.beta * inter + self.gamma * intra)
-        return self.loss_weight * loss
+        return loss
 
     def extra_repr(self):
         return (f'beta={self.beta}, gamma={self.gamma}, tau={self.tau}, '
@@ -366,18 +360,16 @@ class MarginKDLoss(BaseDistillLoss):
         return logits.scatter(1, labels.unsqueeze(1),
                               (self.s * target).unsqueeze(1))
 
-    def forward(self, s_logits: torch.Tensor, t_logits: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_logits=s_logits.shape,
-                               t_logits=t_logits.shape, labels=labels.shape))
+    def loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor,
+             labels: torch.Tensor) -> torch.Tensor:
         labels = _check_labels(type(self).__name__, labels,
                                s_logits.shape[1]).to(s_logits.device)
         z_s = self.apply_margin(s_logits.float(), labels)
-        z_t = self.apply_margin(t_logits.detach().float(), labels)
+        z_t = self.apply_margin(t_logits.float(), labels)
         log_p_s = F.log_softmax(z_s / self.tau, dim=1)
         log_p_t = F.log_softmax(z_t / self.tau, dim=1)
         kl = _kl_from_logs(log_p_t, log_p_s) / s_logits.shape[0]
-        return self.loss_weight * kl * self.tau**2
+        return kl * self.tau**2
 
     def extra_repr(self):
         return (f'tau={self.tau}, s={self.s}, m={self.m}, '

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kdzoo.heads.base import _check_count, _check_number, _no_autocast
+from kdzoo.heads.base import _check_count, _check_number
 from kdzoo.registry import LOSSES
 from kdzoo.utils import CheckpointError, ConfigError
 from kdzoo.utils.checkpoint import extract_state_dict, load_weights_file
@@ -281,26 +281,23 @@ class MarginDistillationLoss(BaseDistillLoss):
                             torch.full_like(d, self.m_min))
         return m
 
-    def forward(self, s_emb: torch.Tensor, t_emb: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_emb=s_emb.shape, t_emb=t_emb.shape,
-                               labels=labels.shape))
+    def loss(self, s_emb: torch.Tensor, t_emb: torch.Tensor,
+             labels: torch.Tensor) -> torch.Tensor:
         _check_labels(type(self).__name__, labels, s_emb.shape[0],
                       self.num_classes)
         labels = labels.to(device=s_emb.device, dtype=torch.long)
         if s_emb.shape[0] == 0:
             return s_emb.float().sum() * 0.0
         dtype = _compute_dtype(s_emb)
-        with _no_autocast(s_emb.device.type):
-            m = self.margins(t_emb, labels).to(dtype)
-            s_n = F.normalize(s_emb.to(dtype), dim=1)
-            cos = s_n.matmul(self.centers.to(dtype).t())
-            cos_y = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
-            target = _arc_target(cos_y, m)
-            logits = self.s * cos.scatter(1, labels.unsqueeze(1),
-                                          target.unsqueeze(1))
-            loss = F.cross_entropy(logits, labels)
-        return self.loss_weight * loss
+        m = self.margins(t_emb, labels).to(dtype)
+        s_n = F.normalize(s_emb.to(dtype), dim=1)
+        cos = s_n.matmul(self.centers.to(dtype).t())
+        cos_y = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
+        target = _arc_target(cos_y, m)
+        logits = self.s * cos.scatter(1, labels.unsqueeze(1),
+                                      target.unsqueeze(1))
+        loss = F.cross_entropy(logits, labels)
+        return loss
 
     def extra_repr(self):
         return (f'num_classes={self.num_classes}, '
@@ -473,33 +470,30 @@ class AdaDistillLoss(BaseDistillLoss):
             self.centers.div_(dist.get_world_size())
 
     # ------------------------------------------------------------ forward
-    def forward(self, s_emb: torch.Tensor, t_emb: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_emb=s_emb.shape, t_emb=t_emb.shape,
-                               labels=labels.shape))
+    def loss(self, s_emb: torch.Tensor, t_emb: torch.Tensor,
+             labels: torch.Tensor) -> torch.Tensor:
         _check_labels(type(self).__name__, labels, s_emb.shape[0],
                       self.num_classes)
         labels = labels.to(device=s_emb.device, dtype=torch.long)
         if s_emb.shape[0] == 0:
             return s_emb.float().sum() * 0.0
         dtype = _compute_dtype(s_emb)
-        with _no_autocast(s_emb.device.type):
-            s_n = F.normalize(s_emb.to(dtype), dim=1)
-            if self.training:
-                t_n = F.normalize(t_emb.detach().to(dtype), dim=1)
-                alphas = self.update_centers(s_n.detach(), t_n, labels)
-                self._last_alpha = alphas.mean().detach()
-            centers_n = F.normalize(self.centers.to(dtype), dim=1)
-            cos = s_n.matmul(centers_n.t())
-            cos_y = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
-            if self.margin == 'arcface':
-                target = _arc_target(cos_y, self.m)
-            else:
-                target = cos_y - self.m
-            logits = self.s * cos.scatter(1, labels.unsqueeze(1),
-                                          target.unsqueeze(1))
-            loss = F.cross_entropy(logits, labels)
-        return self.loss_weight * loss
+        s_n = F.normalize(s_emb.to(dtype), dim=1)
+        if self.training:
+            t_n = F.normalize(t_emb.to(dtype), dim=1)
+            alphas = self.update_centers(s_n.detach(), t_n, labels)
+            self._last_alpha = alphas.mean().detach()
+        centers_n = F.normalize(self.centers.to(dtype), dim=1)
+        cos = s_n.matmul(centers_n.t())
+        cos_y = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
+        if self.margin == 'arcface':
+            target = _arc_target(cos_y, self.m)
+        else:
+            target = cos_y - self.m
+        logits = self.s * cos.scatter(1, labels.unsqueeze(1),
+                                      target.unsqueeze(1))
+        loss = F.cross_entropy(logits, labels)
+        return loss
 
     def extra_repr(self):
         return (f'num_classes={self.num_classes}, '

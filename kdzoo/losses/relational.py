@@ -121,13 +121,12 @@ class RKDLoss(BaseDistillLoss):
         diff = F.normalize(x.unsqueeze(0) - x.unsqueeze(1), p=2, dim=2)
         return torch.bmm(diff, diff.transpose(1, 2))
 
-    def forward(self, s_emb: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_emb=s_emb.shape, t_emb=t_emb.shape))
+    def loss(self, s_emb: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         if s_emb.shape[0] < 2:
             raise ValueError(f'RKDLoss needs a batch of at least 2 samples, '
                              f'got s_emb of shape {tuple(s_emb.shape)}')
         s = s_emb.float().flatten(1)
-        t = t_emb.detach().float().flatten(1)
+        t = t_emb.float().flatten(1)
         loss = s.new_zeros(())
         if self.w_dist > 0:
             with torch.no_grad():
@@ -138,7 +137,7 @@ class RKDLoss(BaseDistillLoss):
             with torch.no_grad():
                 t_a = self._angle(t)
             loss = loss + self.w_angle * F.smooth_l1_loss(self._angle(s), t_a)
-        return self.loss_weight * loss
+        return loss
 
     def extra_repr(self):
         return (f'w_dist={self.w_dist}, w_angle={self.w_angle}, ' +
@@ -192,14 +191,13 @@ class SPLoss(BaseDistillLoss):
             return x @ x.t()
         return F.normalize(x @ x.t(), p=2, dim=1)
 
-    def forward(self, s_feat: torch.Tensor,
-                t_feat: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_feat=s_feat.shape, t_feat=t_feat.shape))
+    def loss(self, s_feat: torch.Tensor,
+             t_feat: torch.Tensor) -> torch.Tensor:
         bsz = s_feat.shape[0]
         g_s = self._gram(s_feat.float())
-        g_t = self._gram(t_feat.detach().float())
+        g_t = self._gram(t_feat.float())
         loss = (g_t - g_s).pow(2).sum() / (bsz * bsz)
-        return self.loss_weight * loss
+        return loss
 
     def extra_repr(self):
         return f'mode={self.mode!r}, ' + super().extra_repr()
@@ -262,12 +260,11 @@ class CCLoss(BaseDistillLoss):
             corr = corr + coef * cos.pow(p)
         return corr
 
-    def forward(self, s_emb: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_emb=s_emb.shape, t_emb=t_emb.shape))
+    def loss(self, s_emb: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         corr_s = self._correlation(s_emb.float())
         with torch.no_grad():
-            corr_t = self._correlation(t_emb.detach().float())
-        return self.loss_weight * F.mse_loss(corr_s, corr_t)
+            corr_t = self._correlation(t_emb.float())
+        return F.mse_loss(corr_s, corr_t)
 
     def extra_repr(self):
         return (f'gamma={self.gamma}, p_order={self.p_order}, '
@@ -340,8 +337,7 @@ class DarkRankLoss(BaseDistillLoss):
             min=1e-12).sqrt()
         return -self.alpha * d.pow(self.beta)
 
-    def forward(self, s_emb: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_emb=s_emb.shape, t_emb=t_emb.shape))
+    def loss(self, s_emb: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         bsz = s_emb.shape[0]
         if self.permute_len >= bsz:
             raise ValueError(
@@ -352,7 +348,7 @@ class DarkRankLoss(BaseDistillLoss):
                 'batches')
         score_s = self._scores(s_emb.float())
         with torch.no_grad():
-            score_t = self._scores(t_emb.detach().float())
+            score_t = self._scores(t_emb.float())
             eye = torch.eye(bsz, dtype=torch.bool, device=score_t.device)
             score_t = score_t.masked_fill(eye, float('-inf'))
             # self (-inf) sorts last: keep the B-1 non-self candidates
@@ -364,7 +360,7 @@ class DarkRankLoss(BaseDistillLoss):
         # logsumexp over the suffix o_k..o_end, for every k at once
         suffix_lse = torch.logcumsumexp(ordered.flip(1), dim=1).flip(1)
         log_prob = (ordered - suffix_lse)[:, :self.permute_len].sum(dim=1)
-        return self.loss_weight * (-log_prob.mean())
+        return -log_prob.mean()
 
     def extra_repr(self):
         return (f'alpha={self.alpha}, beta={self.beta}, '

@@ -7,7 +7,7 @@ from mmengine.logging import print_log
 
 from kdzoo.registry import LOSSES
 from kdzoo.utils import ConfigError
-from .base import (BaseDistillLoss, is_finite_number, no_autocast,
+from .base import (BaseDistillLoss, is_finite_number,
                    require_embeddings_and_labels)
 
 _COS_EPS = 1e-7
@@ -88,14 +88,8 @@ class TripletDistillationLoss(BaseDistillLoss):
             return (2.0 - 2.0 * cos).clamp_min(0.0)
         return torch.acos(cos.clamp(-1.0 + _COS_EPS, 1.0 - _COS_EPS))
 
-    def forward(self, s_emb: torch.Tensor, t_emb: torch.Tensor,
-                labels: torch.Tensor) -> torch.Tensor:
-        self.check_shapes(dict(s_emb=s_emb.shape, t_emb=t_emb.shape,
-                               labels=labels.shape))
-        with no_autocast(s_emb.device.type):
-            return self._forward(s_emb, t_emb, labels)
-
-    def _forward(self, s_emb, t_emb, labels):
+    def loss(self, s_emb: torch.Tensor, t_emb: torch.Tensor,
+             labels: torch.Tensor) -> torch.Tensor:
         s_emb = s_emb.float()
         n = s_emb.shape[0]
         eye = torch.eye(n, dtype=torch.bool, device=s_emb.device)
@@ -119,7 +113,7 @@ class TripletDistillationLoss(BaseDistillLoss):
             n_idx = d_det.masked_fill(~neg_mask, float('inf')).argmin(1)
             a_idx = torch.nonzero(anchors, as_tuple=True)[0]
             p_idx, n_idx = p_idx[a_idx], n_idx[a_idx]
-            d_t = self.pairwise_distance(t_emb.detach().float())
+            d_t = self.pairwise_distance(t_emb.float())
             g = (d_t[a_idx, n_idx] - d_t[a_idx, p_idx]).clamp_min(0.0)
             d_max = g.max()
             if d_max > 0:
@@ -127,7 +121,7 @@ class TripletDistillationLoss(BaseDistillLoss):
             else:
                 margin = torch.full_like(g, self.m_min)
         loss = (d_s[a_idx, p_idx] - d_s[a_idx, n_idx] + margin).clamp_min(0.0)
-        return self.loss_weight * loss.mean()
+        return loss.mean()
 
     def extra_repr(self):
         return (f'm_max={self.m_max}, m_min={self.m_min}, distance='
