@@ -168,8 +168,19 @@ def cmd_bench(args):
 
 
 def cmd_list(args):
+    import importlib
+
     import kdzoo  # noqa: F401
     from kdzoo.registry import LISTABLE
+    from kdzoo.utils import ConfigError
+    for module in args.imports or ():
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(
+                f'kdzoo list --import {module}: cannot import it ({e}); put '
+                'the folder that holds it on PYTHONPATH (e.g. '
+                'PYTHONPATH=. from your project folder)') from None
     kinds = [args.kind] if args.kind else list(LISTABLE)
     table = {}
     for kind in kinds:
@@ -351,6 +362,9 @@ def build_parser():
     p = sub.add_parser('list', help='registered components and their summary')
     p.add_argument('kind', nargs='?', choices=list(LISTABLE))
     p.add_argument('--json', action='store_true')
+    p.add_argument('--import', dest='imports', nargs='+', metavar='MODULE',
+                   help='import these modules first, so that the '
+                   'components they register are listed too')
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser('bench', help='training speed: student alone, with '

@@ -6,7 +6,7 @@
 #            its backbone.pth path is set by the suite (or --cfg-options
 #            model.teachers.teacher_fr.checkpoint=PATH).
 #   data:    SynthFaceAge, same as the student-alone baseline.
-#   expect:  above the student alone on cross-age TAR@FAR=1e-3 (README).
+#   expect:  above the student alone on cross-age TAR@FAR=1e-3 (docs/results/quickstart.md).
 _base_ = ['../_base_/kd_synthface_age.py']
 model = dict(
     connectors=dict(

@@ -1,6 +1,6 @@
 # The main job (README): on SynthFaceAge at CPU size, train the FR teacher,
 # the student alone and the angular-KD student, evaluate all three on unseen
-# identities and tabulate. About 5 minutes on a 2-core CPU (measured: README).
+# identities and tabulate. About 5 minutes on a 2-core CPU (measured: docs/results/quickstart.md).
 work_dir = 'work_dirs/quickstart'
 runs = [
     dict(name='teacher', role='teacher',

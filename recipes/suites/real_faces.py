@@ -12,8 +12,8 @@
 work_dir = 'work_dirs/real_faces'
 runs = [
     # The teacher's own row (pretrained, no training) is optional: on a
-    # 2-core CPU its ONNX graph takes ~15 min for LFW + CFP-FF at 112 px
-    # (kdzoo measured LFW 99.45 %, see README). Enable it with
+    # 2-core CPU it takes several minutes for LFW + CFP-FF at 112 px
+    # (kdzoo measured LFW 99.45 %, see docs/speed.md). Enable it with
     #   dict(name='teacher_sirius', role='teacher',
     #        recipe='../real_faces/teacher_eval.py',
     #        cfg_options={'model.student.backbone.file':

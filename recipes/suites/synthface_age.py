@@ -6,7 +6,7 @@
 # LIAAD and its ablations. Same student, data, schedule and
 # protocol for every student run.
 #   kdzoo compare recipes/suites/synthface_age.py [--seeds 3]
-# Reconstructed parts of LIAAD: see recipes/liaad/liaad.py and the README.
+# Reconstructed parts of LIAAD: see recipes/liaad/liaad.py and docs/liaad.md.
 work_dir = 'work_dirs/synthface_age'
 # Paired differences (better / worse / not distinguishable, 95 % interval
 # over seeds and test identities) against the student alone and against KD,

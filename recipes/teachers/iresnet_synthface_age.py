@@ -5,7 +5,7 @@
 #   data:    SynthFaceAge train split, 400 identities x 16 ages, 32x32.
 #   output:  work_dir/backbone.pth (+ head.pth), test metrics in results.json.
 #   expect:  clearly above the student trained alone on cross-age
-#            TAR@FAR=1e-3 (see README's quick-start table).
+#            TAR@FAR=1e-3 (docs/results/quickstart.md).
 _base_ = [
     '../_base_/default_runtime.py',
     '../_base_/datasets/synthface_age_cpu.py',
