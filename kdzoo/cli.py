@@ -134,13 +134,14 @@ def _labels_summary(done, bin_path):
 
 
 def cmd_pack(args):
-    from kdzoo.datasets.dataset_args import parse_image_size
+    from kdzoo.utils import check_size
     from kdzoo.datasets.pack import pack_image_folder, pack_pairs
     if args.format == 'labels':
         return _pack_labels(args)
     size = args.image_size
-    size = parse_image_size(size[0] if size and len(size) == 1 else size,
-                            f'kdzoo pack {args.format}: --image-size')
+    size = check_size(f'kdzoo pack {args.format}: --image-size',
+                      size[0] if size and len(size) == 1 else size,
+                      name='image_size', allow_none=True)
     if args.format == 'rec':
         prefix = args.out_prefix
         if os.path.isdir(prefix) or prefix.endswith(('/', os.sep)):

@@ -17,7 +17,6 @@ distillation through a frozen teacher (``StagewiseAngularLoss``,
 ShrinkTeaNet Eq. 6) needs it; ``IResNet`` and ``MobileFaceNet`` provide it.
 Backbones that cannot (ONNX graphs, timm wrappers) simply do not define it.
 """
-import math
 from collections import OrderedDict
 from typing import Dict, Sequence, Tuple
 
@@ -101,14 +100,6 @@ def init_conv_bn_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def check_positive_int(owner: str, name: str, value) -> int:
-    """``value`` as an int >= 1, or ``ConfigError`` naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f'{owner}: {name} must be a positive integer, '
-                          f'got {value!r}')
-    return int(value)
-
-
 def check_int_tuple(owner: str, name: str, value, length: int,
                     minimum: int = 1) -> Tuple[int, ...]:
     """A sequence of ``length`` ints >= ``minimum``, or ``ConfigError``."""
@@ -122,44 +113,6 @@ def check_int_tuple(owner: str, name: str, value, length: int,
     return tuple(int(v) for v in value)
 
 
-def check_fraction(owner: str, name: str, value) -> float:
-    """A probability in [0, 1), or ``ConfigError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not 0 <= value < 1:
-        raise ConfigError(f'{owner}: {name} must be a number in [0, 1), '
-                          f'got {value!r}')
-    return float(value)
-
-
-def check_width_mult(owner: str, value) -> float:
-    """A finite positive channel multiplier, or ``ConfigError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f'{owner}: width_mult must be a positive number, '
-                          f'got {value!r}')
-    return float(value)
-
-
 def scaled_width(channels: int, width_mult: float, minimum: int = 4) -> int:
     """``channels * width_mult`` rounded, at least ``minimum``."""
     return max(minimum, int(round(channels * width_mult)))
-
-
-def check_input_size(owner: str, value, divisor: int = 1) -> Tuple[int, int]:
-    """``(H, W)`` from an int or a pair; each a positive multiple of
-    ``divisor`` (the network's total stride), else ``ConfigError``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    ok = isinstance(value, Sequence) and not isinstance(value, str) \
-        and len(value) == 2 and all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0
-            for v in value)
-    if not ok:
-        raise ConfigError(f'{owner}: input_size must be (H, W) positive '
-                          f'integers or one integer, got {value!r}')
-    if any(v % divisor for v in value):
-        raise ConfigError(
-            f'{owner}: input_size {tuple(value)} must be divisible by '
-            f'{divisor} (the network downsamples by {divisor}); e.g. '
-            f'{tuple(max(divisor, v // divisor * divisor) for v in value)}')
-    return int(value[0]), int(value[1])

@@ -13,9 +13,8 @@ from torch import nn
 
 from kdzoo.registry import BACKBONES
 from kdzoo.utils import ConfigError
-from .base import (BaseBackbone, check_fraction, check_input_size,
-                   check_int_tuple, check_positive_int, check_width_mult,
-                   scaled_width)
+from kdzoo.utils import check_int, check_number, check_size
+from .base import BaseBackbone, check_int_tuple, scaled_width
 
 IRESNET_BLOCKS = {
     18: (2, 2, 2, 2),
@@ -100,11 +99,13 @@ class IResNet(BaseBackbone):
             blocks = check_int_tuple(owner, 'layers', layers, 4)
         self.depth = depth
         self.blocks = blocks
-        self.embedding_size = check_positive_int(owner, 'embedding_size',
-                                                 embedding_size)
-        self.width_mult = check_width_mult(owner, width_mult)
-        self.input_size = check_input_size(owner, input_size, TOTAL_STRIDE)
-        dropout = check_fraction(owner, 'dropout', dropout)
+        self.embedding_size = check_int(owner, 'embedding_size',
+                                        embedding_size)
+        self.width_mult = check_number(owner, 'width_mult', width_mult, 0,
+                                       low_open=True)
+        self.input_size = check_size(owner, input_size, divisor=TOTAL_STRIDE)
+        dropout = check_number(owner, 'dropout', dropout, 0, 1,
+                               high_open=True)
         widths = [scaled_width(w, self.width_mult) for w in BASE_WIDTHS]
 
         self.conv1 = conv3x3(3, widths[0])

@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 from kdzoo.registry import BACKBONES
-from .base import (BaseBackbone, check_input_size, check_int_tuple,
-                   check_positive_int, check_width_mult, init_conv_bn_,
-                   scaled_width)
+from kdzoo.utils import check_int, check_number, check_size
+from .base import BaseBackbone, check_int_tuple, init_conv_bn_, scaled_width
 
 TOTAL_STRIDE = 16  # stem and three DepthWise downsamplings, stride 2 each
 
@@ -136,14 +135,15 @@ class MobileFaceNet(BaseBackbone):
                  input_size=(112, 112)):
         super().__init__()
         owner = 'MobileFaceNet'
-        self.embedding_size = check_positive_int(owner, 'embedding_size',
-                                                 embedding_size)
+        self.embedding_size = check_int(owner, 'embedding_size',
+                                        embedding_size)
         self.blocks = check_int_tuple(owner, 'blocks', blocks, 4)
-        self.scale = check_positive_int(owner, 'scale', scale)
-        self.width_mult = check_width_mult(owner, width_mult)
-        conv_sep_channels = check_positive_int(owner, 'conv_sep_channels',
-                                               conv_sep_channels)
-        self.input_size = check_input_size(owner, input_size, TOTAL_STRIDE)
+        self.scale = check_int(owner, 'scale', scale)
+        self.width_mult = check_number(owner, 'width_mult', width_mult, 0,
+                                       low_open=True)
+        conv_sep_channels = check_int(owner, 'conv_sep_channels',
+                                      conv_sep_channels)
+        self.input_size = check_size(owner, input_size, divisor=TOTAL_STRIDE)
 
         def width(c):
             return scaled_width(c, self.width_mult)

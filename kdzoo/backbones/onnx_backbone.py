@@ -10,7 +10,8 @@ import torch
 from kdzoo.registry import BACKBONES
 from kdzoo.utils import ConfigError, did_you_mean
 from kdzoo.utils.fileio import file_sha256
-from .base import BaseBackbone, check_input_size, check_positive_int
+from kdzoo.utils import check_int, check_size
+from .base import BaseBackbone
 
 GRAPH_PREFIX = 'model.'
 RUNTIMES = ('torch', 'onnxruntime', 'auto')
@@ -133,7 +134,7 @@ class OnnxBackbone(BaseBackbone):
                               'directory)')
         self.file = os.fspath(file)
         if input_size is not None:
-            self.input_size = check_input_size(owner, input_size)
+            self.input_size = check_size(owner, input_size)
 
         import onnx
         from onnx2torch import convert
@@ -146,7 +147,7 @@ class OnnxBackbone(BaseBackbone):
         if input_size is None:
             fixed = hw is not None and all(d is not None and d > 0
                                            for d in hw)
-            self.input_size = check_input_size(
+            self.input_size = check_size(
                 owner, tuple(hw) if fixed else (112, 112))
         if hw is not None and any(
                 d is not None and d > 0 and d != s
@@ -181,8 +182,8 @@ class OnnxBackbone(BaseBackbone):
         if embedding_size is None:
             self.embedding_size = inferred
         else:
-            self.embedding_size = check_positive_int(owner, 'embedding_size',
-                                                     embedding_size)
+            self.embedding_size = check_int(owner, 'embedding_size',
+                                            embedding_size)
             if self.embedding_size != inferred:
                 raise ConfigError(
                     f'{owner}: embedding_size={embedding_size} but '

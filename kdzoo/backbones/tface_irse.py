@@ -41,8 +41,8 @@ from torch import nn
 
 from kdzoo.registry import BACKBONES
 from kdzoo.utils import ConfigError
-from .base import (BaseBackbone, check_fraction, check_input_size,
-                   check_int_tuple, check_positive_int, init_conv_bn_)
+from kdzoo.utils import check_int, check_number, check_size
+from .base import BaseBackbone, check_int_tuple, init_conv_bn_
 
 # units per stage, as TFace's get_blocks(num_layers)
 TFACE_UNITS = {
@@ -170,10 +170,11 @@ class TFaceIR(BaseBackbone):
         self.units = (TFACE_UNITS[depth] if units is None else
                       check_int_tuple(owner, 'units', units, 4))
         self.bottleneck = depth >= 152
-        self.input_size = check_input_size(owner, input_size, TOTAL_STRIDE)
-        self.embedding_size = check_positive_int(owner, 'embedding_size',
-                                                 embedding_size)
-        dropout = check_fraction(owner, 'dropout', dropout)
+        self.input_size = check_size(owner, input_size, divisor=TOTAL_STRIDE)
+        self.embedding_size = check_int(owner, 'embedding_size',
+                                        embedding_size)
+        dropout = check_number(owner, 'dropout', dropout, 0, 1,
+                               high_open=True)
         widths = BOTTLENECK_WIDTHS if self.bottleneck else BASIC_WIDTHS
 
         self.input_layer = nn.Sequential(

@@ -7,8 +7,8 @@ from torch import nn
 from kdzoo.registry import BACKBONES
 from kdzoo.utils import (CheckpointError, ConfigError, did_you_mean,
                          extract_state_dict, load_into, load_weights_file)
-from .base import (BaseBackbone, check_fraction, check_input_size,
-                   check_positive_int)
+from kdzoo.utils import check_int, check_number, check_size
+from .base import BaseBackbone
 
 
 @BACKBONES.register_module()
@@ -61,11 +61,12 @@ class TimmBackbone(BaseBackbone):
                 + did_you_mean(str(model_name), timm.list_models())
                 + ' List names with timm.list_models("pattern*").')
         self.model_name = model_name
-        self.embedding_size = check_positive_int(owner, 'embedding_size',
-                                                 embedding_size)
-        self.input_size = check_input_size(owner, input_size)
-        self.in_chans = check_positive_int(owner, 'in_chans', in_chans)
-        dropout = check_fraction(owner, 'dropout', dropout)
+        self.embedding_size = check_int(owner, 'embedding_size',
+                                        embedding_size)
+        self.input_size = check_size(owner, input_size)
+        self.in_chans = check_int(owner, 'in_chans', in_chans)
+        dropout = check_number(owner, 'dropout', dropout, 0, 1,
+                               high_open=True)
         if timm_kwargs.pop('pretrained', False):
             raise ConfigError(f'{owner}: pretrained=True would download '
                               'weights; give pretrained_file=<local path>')

@@ -5,22 +5,18 @@ import torch
 from torch import nn
 
 from kdzoo.registry import CONNECTORS
-from kdzoo.utils import ConfigError
+from kdzoo.utils import ConfigError, is_int
 from .projectors import BaseConnector
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _parse_size(out_size) -> Optional[Tuple[int, int]]:
     """``None``, int or ``(H, W)`` -> ``None`` or ``(H, W)``; else raise."""
     if out_size is None:
         return None
-    if _positive_int(out_size):
+    if (is_int(out_size) and out_size > 0):
         return (out_size, out_size)
     if (isinstance(out_size, (tuple, list)) and len(out_size) == 2
-            and all(_positive_int(v) for v in out_size)):
+            and all((is_int(v) and v > 0) for v in out_size)):
         return (int(out_size[0]), int(out_size[1]))
     raise ConfigError(
         f'ConvReg: out_size must be None, a positive int or a pair (H, W) of '
@@ -63,10 +59,11 @@ class ConvReg(BaseConnector):
                  out_size: Union[int, Sequence[int], None] = None,
                  in_channels: Optional[int] = None, use_relu: bool = True):
         super().__init__()
-        if not _positive_int(out_channels):
+        if not (is_int(out_channels) and out_channels > 0):
             raise ConfigError(f'ConvReg: out_channels must be a positive int '
                               f'(the teacher channels), got {out_channels!r}')
-        if in_channels is not None and not _positive_int(in_channels):
+        if in_channels is not None and not (is_int(in_channels)
+                                            and in_channels > 0):
             raise ConfigError(f'ConvReg: in_channels must be None (inferred) '
                               f'or a positive int, got {in_channels!r}')
         self.out_channels = int(out_channels)

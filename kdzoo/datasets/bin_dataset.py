@@ -22,7 +22,8 @@ from mmengine.logging import print_log
 from PIL import Image
 
 from kdzoo.registry import DATASETS
-from kdzoo.datasets.dataset_args import build_pipeline, parse_image_size
+from kdzoo.datasets.dataset_args import build_pipeline
+from kdzoo.utils.checks import check_size
 from kdzoo.utils.errors import ConfigError, DataError
 from kdzoo.utils.fileio import file_sha256
 
@@ -395,8 +396,8 @@ class InsightFaceBinDataset(BaseDataset):
             raise ConfigError('InsightFaceBinDataset: `indices` is not '
                               'supported (the pairs refer to positions in '
                               'the whole file)')
-        self.image_size = parse_image_size(image_size,
-                                           type(self).__name__)
+        self.image_size = check_size(type(self).__name__, image_size,
+                                     name='image_size', allow_none=True)
         self.num_folds = int(num_folds)
         self.protocol = protocol
         self.labels_file = labels_file

@@ -7,14 +7,14 @@ torchvision's ``ImageFolder`` and of InsightFace's unpacked training sets.
 import os
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
-import numpy as np
 from mmengine.dataset import BaseDataset
 
 from kdzoo.datasets.bin_dataset import decode_image
 from kdzoo.datasets.bad_items import SkipBadItemsMixin
-from kdzoo.datasets.dataset_args import build_pipeline, parse_image_size
+from kdzoo.datasets.dataset_args import build_pipeline
 from kdzoo.datasets.fingerprint import files_fingerprint
 from kdzoo.registry import DATASETS
+from kdzoo.utils.checks import check_int, check_size
 from kdzoo.utils.errors import ConfigError, DataError
 
 __all__ = ['IMAGE_EXTENSIONS', 'FolderScan', 'scan_identity_folders',
@@ -30,16 +30,6 @@ class FolderScan(NamedTuple):
     samples: List[Tuple[str, int]]
 
 
-def _optional_count(owner: str, name: str, value) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-            or value < 1:
-        raise ConfigError(f'{owner}: {name} must be an integer >= 1 or None, '
-                          f'got {value!r}')
-    return int(value)
-
-
 def scan_identity_folders(root: str,
                           extensions: Sequence[str] = IMAGE_EXTENSIONS,
                           max_identities: Optional[int] = None,
@@ -51,11 +41,12 @@ def scan_identity_folders(root: str,
     dropped, then the first ``max_identities`` (sorted names) are kept, each
     with its first ``max_images_per_identity`` files (sorted names).
     Hidden files and folders (``.name``) are ignored."""
-    max_identities = _optional_count(owner, 'max_identities', max_identities)
-    min_images = _optional_count(owner, 'min_images_per_identity',
-                                 min_images_per_identity) or 1
-    max_images = _optional_count(owner, 'max_images_per_identity',
-                                 max_images_per_identity)
+    max_identities = check_int(owner, 'max_identities', max_identities,
+                               allow_none=True)
+    min_images = check_int(owner, 'min_images_per_identity',
+                           min_images_per_identity, allow_none=True) or 1
+    max_images = check_int(owner, 'max_images_per_identity',
+                           max_images_per_identity, allow_none=True)
     if isinstance(extensions, str):  # 'jpg' would become '.j', '.p', '.g'
         raise ConfigError(f'{owner}: extensions must be a list of file '
                           f"endings, e.g. ['.jpg'], got {extensions!r}")
@@ -122,7 +113,8 @@ class ImageFolderFaces(SkipBadItemsMixin, BaseDataset):
         if not data_root:
             raise ConfigError('ImageFolderFaces: data_root (the folder of '
                               'identity folders) is required')
-        self.image_size = parse_image_size(image_size, 'ImageFolderFaces')
+        self.image_size = check_size('ImageFolderFaces', image_size,
+                                     name='image_size', allow_none=True)
         # a plain string is refused by scan_identity_folders, not split
         self.extensions = extensions if isinstance(extensions, str) \
             else tuple(extensions)

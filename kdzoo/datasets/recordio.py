@@ -35,9 +35,10 @@ from mmengine.dataset import BaseDataset
 
 from kdzoo.datasets.bin_dataset import decode_image
 from kdzoo.datasets.bad_items import SkipBadItemsMixin
-from kdzoo.datasets.dataset_args import build_pipeline, parse_image_size
+from kdzoo.datasets.dataset_args import build_pipeline
 from kdzoo.datasets.fingerprint import files_fingerprint
 from kdzoo.registry import DATASETS
+from kdzoo.utils.checks import check_size
 from kdzoo.utils.errors import ConfigError, DataError
 
 __all__ = ['RECORDIO_MAGIC', 'IRHeader', 'frame_record', 'pack_image_record',
@@ -386,7 +387,8 @@ class RecordIODataset(SkipBadItemsMixin, BaseDataset):
                 if data_root and not os.path.isabs(p) else p)
         self.path_imgrec, self.path_imgidx = join(path_imgrec), \
             join(path_imgidx)
-        self.image_size = parse_image_size(image_size, 'RecordIODataset')
+        self.image_size = check_size('RecordIODataset', image_size,
+                                     name='image_size', allow_none=True)
         self.reader: Optional[IndexedRecordReader] = None
         super().__init__(ann_file='', data_root=data_root,
                          pipeline=build_pipeline(pipeline), **kwargs)

@@ -9,14 +9,7 @@ from mmengine.dist import get_dist_info, sync_random_seed
 from torch.utils.data import Sampler
 
 from kdzoo.registry import DATA_SAMPLERS
-from kdzoo.utils import ConfigError
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f'IdentityBalancedSampler: {name} must be an '
-                          f'integer >= 1, got {value!r}')
-    return value
+from kdzoo.utils import ConfigError, check_int
 
 
 def dataset_labels(dataset) -> List[int]:
@@ -98,9 +91,11 @@ class IdentityBalancedSampler(Sampler):
                  images_per_identity: int = 4, shuffle: bool = True,
                  seed: Optional[int] = None, round_up: bool = True,
                  epoch_length: str = 'dataset') -> None:
-        self.num_identities = _positive_int('num_identities', num_identities)
-        self.images_per_identity = _positive_int('images_per_identity',
-                                                 images_per_identity)
+        owner = 'IdentityBalancedSampler'
+        self.num_identities = check_int(owner, 'num_identities',
+                                        num_identities)
+        self.images_per_identity = check_int(owner, 'images_per_identity',
+                                             images_per_identity)
         rank, world_size = get_dist_info()
         self.rank, self.world_size = rank, world_size
         self.dataset = dataset

@@ -65,9 +65,9 @@ from mmengine.dataset import BaseDataset, default_collate
 from torch import nn
 
 from kdzoo.registry import BACKBONES, MODELS
-from kdzoo.datasets.dataset_args import parse_image_size
 from kdzoo.utils import (ConfigError, KdzooError, atomic_torch_save,
-                         atomic_write_json, did_you_mean, json_option)
+                         atomic_write_json, check_int, check_size,
+                         did_you_mean, json_option)
 from kdzoo.utils.environment import (cpu_capability, cpu_description,
                                      software_versions)
 from .flops import count_forward_flops
@@ -141,13 +141,6 @@ class BenchConfig:
     seed: int
 
 
-def _int_option(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f'{name} must be an integer >= {low}, got '
-                          f'{value!r}')
-    return value
-
-
 def _names(option: str, value, allowed: Sequence[str],
            aliases: Optional[dict] = None) -> Tuple[str, ...]:
     """A comma list (or sequence) of names from ``allowed``, in that order."""
@@ -176,8 +169,9 @@ def _backbone_cfg(option: str, cfg, image_size: int) -> dict:
                           f', got {cfg!r}')
     check_registered_config(cfg, BACKBONES, option)
     cfg = dict(cfg)
-    size = parse_image_size(cfg.setdefault('input_size', image_size),
-                            f'{option} input_size')
+    size = check_size(f'{option} input_size',
+                      cfg.setdefault('input_size', image_size),
+                      name='image_size')
     cfg['input_size'] = size
     if size != (image_size, image_size) and option == '--student':
         raise ConfigError(f'--student input_size {tuple(size)} differs from '
@@ -238,13 +232,13 @@ def make_config(device: Optional[str] = None,
                           'bfloat16; use --precision fp16')
     if batch_size is None:
         batch_size = 256 if gpu else 32
-    _int_option('--batch-size', batch_size, 2)  # BatchNorm needs 2
-    steps = _int_option('--steps', (50 if gpu else 10) if steps is None
-                        else steps, 1)
-    warmup = _int_option('--warmup', (10 if gpu else 2) if warmup is None
-                         else warmup, 0)
+    check_int(None, '--batch-size', batch_size, 2)  # BatchNorm needs 2
+    steps = check_int(None, '--steps', (50 if gpu else 10) if steps is None
+                      else steps, 1)
+    warmup = check_int(None, '--warmup', (10 if gpu else 2) if warmup is None
+                       else warmup, 0)
     image_size = defaults['image_size'] if image_size is None else image_size
-    _int_option('--image-size', image_size, 16)
+    check_int(None, '--image-size', image_size, 16)
     if image_size % 16:
         lower = 16 * (image_size // 16)
         raise ConfigError(f'--image-size must be a multiple of 16 (the '
@@ -264,9 +258,9 @@ def make_config(device: Optional[str] = None,
     data = _names('--data', data, DATA_MODES, aliases={'both': DATA_MODES})
     if num_workers is None:
         num_workers = min(4, os.cpu_count() or 1)
-    _int_option('--num-workers', num_workers, 0)
-    _int_option('--num-classes', num_classes, 1)
-    _int_option('--seed', seed, 0)
+    check_int(None, '--num-workers', num_workers, 0)
+    check_int(None, '--num-classes', num_classes, 1)
+    check_int(None, '--seed', seed, 0)
     if data_root is not None:
         if 'loader' not in data:
             raise ConfigError('--data-root is read only in loader mode; add '

@@ -28,6 +28,7 @@ import numpy as np
 from mmengine.evaluator import BaseMetric
 
 from kdzoo.registry import METRICS
+from kdzoo.utils.checks import check_int
 from kdzoo.utils.errors import ConfigError, did_you_mean
 
 from .all_pairs import MIN_FALSE_ACCEPTS, AllPairs, score_all_pairs
@@ -46,13 +47,6 @@ _ALL_PAIRS_MAX_FAR = 1e-2
 def _low(fars):
     return [f for f in fars if f <= _ALL_PAIRS_MAX_FAR * (1 + 1e-9)]
 
-
-def _count_arg(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-            or value < minimum:
-        raise ConfigError(f'face metric: {name} must be an integer >= '
-                          f'{minimum}, got {value!r}')
-    return int(value)
 
 __all__ = ['FaceVerificationMetric', 'FaceIdentificationMetric']
 
@@ -208,10 +202,10 @@ class FaceVerificationMetric(_EmbeddingMetric):
                     raise ConfigError(f'FaceVerificationMetric: {arg} must '
                                       f'be in (0, 1], got {f}')
         self.num_folds = num_folds
-        self.bootstrap = _count_arg('bootstrap', bootstrap, 0)
+        self.bootstrap = check_int('face metric', 'bootstrap', bootstrap, 0)
         self.bootstrap_seed = int(bootstrap_seed)
-        self.min_false_accepts = _count_arg('min_false_accepts',
-                                            min_false_accepts, 1)
+        self.min_false_accepts = check_int('face metric', 'min_false_accepts',
+                                           min_false_accepts, 1)
         # {protocol: {'far': [...], 'tar': [...]}} of the last evaluation
         self.curves: Dict[str, Dict[str, List[float]]] = {}
         self.intervals: Dict[str, List[float]] = {}
@@ -366,7 +360,7 @@ class FaceIdentificationMetric(_EmbeddingMetric):
     def __init__(self, protocols=None, bootstrap: int = 1000,
                  bootstrap_seed: int = 0, prefix=None, **kwargs):
         super().__init__(protocols, prefix, **kwargs)
-        self.bootstrap = _count_arg('bootstrap', bootstrap, 0)
+        self.bootstrap = check_int('face metric', 'bootstrap', bootstrap, 0)
         self.bootstrap_seed = int(bootstrap_seed)
         self.intervals: Dict[str, List[float]] = {}
         self.bootstrap_samples: Dict[str, np.ndarray] = {}

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from kdzoo.registry import HEADS
-from kdzoo.utils import ConfigError
-from .base import BaseMarginHead, _check_number, _no_autocast
+from kdzoo.utils import ConfigError, check_number, no_autocast
+from .base import BaseMarginHead
 
 
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -88,8 +88,8 @@ class AdaFace(BaseMarginHead):
         if self.m >= math.pi:
             raise ConfigError(f'{name}: m is an angle in radians and must be '
                               f'in [0, pi), got {m!r}')
-        self.h = _check_number(name, 'h', h, low=0)
-        self.t_alpha = _check_number(name, 't_alpha', t_alpha, low=0, high=1)
+        self.h = check_number(name, 'h', h, low=0)
+        self.t_alpha = check_number(name, 't_alpha', t_alpha, low=0, high=1)
         self.register_buffer('batch_mean', torch.full((1,), 20.0))
         self.register_buffer('batch_std', torch.full((1,), 100.0))
 
@@ -97,7 +97,7 @@ class AdaFace(BaseMarginHead):
     def feature_norm(self, emb: torch.Tensor) -> torch.Tensor:
         """``‖z‖`` per row, clipped to ``[0.001, 100]`` and detached."""
         dtype = self._compute_dtype(emb)
-        with _no_autocast(emb.device.type):
+        with no_autocast(emb.device.type):
             norm = emb.detach().to(dtype).norm(dim=1)
         return norm.clamp(0.001, 100.0)
 
@@ -147,7 +147,7 @@ class AdaFace(BaseMarginHead):
         return self.replace_target(cos, labels, target)
 
     def _logits(self, emb, labels):
-        with _no_autocast(emb.device.type):
+        with no_autocast(emb.device.type):
             cos = self.cosine(emb)
             if labels is None:
                 return self.s * cos

@@ -18,52 +18,13 @@ the returned logits are float32. ``cos θ`` is clamped before any ``acos`` /
 ``sqrt``, so an embedding equal or opposite to its centre (``cos = ±1``)
 gives finite values and gradients.
 """
-import contextlib
-import math
 from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdzoo.utils import ConfigError
-
-
-def _no_autocast(device_type: str):
-    """A context that disables autocast on ``device_type`` (if it has one)."""
-    available = getattr(torch.amp, 'is_autocast_available', None)
-    if available is not None and not available(device_type):
-        return contextlib.nullcontext()
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
-        return contextlib.nullcontext()
-
-
-def _check_number(owner: str, name: str, value, low=None, high=None,
-                  low_open=False, high_open=False) -> float:
-    """Return ``float(value)`` or raise ``ConfigError`` naming the argument."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        lo = '' if low is None else f"{'>' if low_open else '>='} {low}"
-        hi = '' if high is None else f"{'<' if high_open else '<='} {high}"
-        rng = ' and '.join(x for x in (lo, hi) if x)
-        raise ConfigError(f'{owner}: {name} must be a finite number'
-                          f"{' ' + rng if rng else ''}, got {value!r}")
-    return float(value)
-
-
-def _check_count(owner: str, name: str, value) -> int:
-    """Return ``value`` if it is an int >= 1, else raise ``ConfigError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f'{owner}: {name} must be an integer >= 1, got '
-                          f'{value!r}')
-    return value
+from kdzoo.utils import ConfigError, check_int, check_number, no_autocast
 
 
 class BaseMarginHead(nn.Module):
@@ -96,15 +57,15 @@ class BaseMarginHead(nn.Module):
                  m: float = 0.0, eps: float = 1e-7, init_std: float = 0.01):
         super().__init__()
         name = type(self).__name__
-        self.num_classes = _check_count(name, 'num_classes', num_classes)
-        self.embedding_size = _check_count(name, 'embedding_size',
-                                           embedding_size)
-        self.s = _check_number(name, 's', s, low=0, low_open=True)
-        self.m = _check_number(name, 'm', m, low=0)
-        self.eps = _check_number(name, 'eps', eps, low=0, high=0.1,
-                                 low_open=True, high_open=True)
-        init_std = _check_number(name, 'init_std', init_std, low=0,
-                                 low_open=True)
+        self.num_classes = check_int(name, 'num_classes', num_classes)
+        self.embedding_size = check_int(name, 'embedding_size',
+                                        embedding_size)
+        self.s = check_number(name, 's', s, low=0, low_open=True)
+        self.m = check_number(name, 'm', m, low=0)
+        self.eps = check_number(name, 'eps', eps, low=0, high=0.1,
+                                low_open=True, high_open=True)
+        init_std = check_number(name, 'init_std', init_std, low=0,
+                                low_open=True)
         self.weight = nn.Parameter(
             torch.empty(self.num_classes, self.embedding_size))
         nn.init.normal_(self.weight, mean=0.0, std=init_std)
@@ -172,7 +133,7 @@ class BaseMarginHead(nn.Module):
         """
         self.check_embedding(emb)
         dtype = self._compute_dtype(emb)
-        with _no_autocast(emb.device.type):
+        with no_autocast(emb.device.type):
             emb_n = F.normalize(emb.to(dtype), dim=1)
             weight_n = F.normalize(self.weight.to(device=emb.device,
                                                   dtype=dtype), dim=1)
@@ -203,7 +164,7 @@ class BaseMarginHead(nn.Module):
 
     def _logits(self, emb: torch.Tensor,
                 labels: Optional[torch.Tensor]) -> torch.Tensor:
-        with _no_autocast(emb.device.type):
+        with no_autocast(emb.device.type):
             cos = self.cosine(emb)
             if labels is None:
                 return self.s * cos
@@ -229,7 +190,7 @@ class BaseMarginHead(nn.Module):
         self.check_embedding(emb)
         labels = self.check_labels(labels, emb)
         logits = self._logits(emb, labels)
-        with _no_autocast(emb.device.type):
+        with no_autocast(emb.device.type):
             return dict(loss_cls=F.cross_entropy(logits, labels))
 
     def extra_repr(self) -> str:

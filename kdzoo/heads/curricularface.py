@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 
 from kdzoo.registry import HEADS
-from kdzoo.utils import ConfigError
+from kdzoo.utils import ConfigError, check_number
 from .arcface import arc_margin
-from .base import BaseMarginHead, _check_number
+from .base import BaseMarginHead
 
 
 def _global_mean(values: torch.Tensor):
@@ -67,8 +67,8 @@ class CurricularFace(BaseMarginHead):
         if self.m >= math.pi:
             raise ConfigError(f'{type(self).__name__}: m is an angle in '
                               f'radians and must be < pi, got {m!r}')
-        self.momentum = _check_number(type(self).__name__, 'momentum',
-                                      momentum, low=0, high=1)
+        self.momentum = check_number(type(self).__name__, 'momentum',
+                                     momentum, low=0, high=1)
         self.register_buffer('t', torch.zeros(1))
 
     @torch.no_grad()

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from kdzoo.registry import HEADS
-from kdzoo.utils import ConfigError
-from .base import BaseMarginHead, _check_number, _no_autocast
+from kdzoo.utils import ConfigError, check_number, no_autocast
+from .base import BaseMarginHead
 
 
 @HEADS.register_module()
@@ -63,28 +63,28 @@ class MagFace(BaseMarginHead):
         super().__init__(num_classes, embedding_size, s=s, m=0.0, eps=eps,
                          init_std=init_std)
         name = type(self).__name__
-        self.l_a = _check_number(name, 'l_a', l_a, low=0, low_open=True)
-        self.u_a = _check_number(name, 'u_a', u_a, low=0, low_open=True)
+        self.l_a = check_number(name, 'l_a', l_a, low=0, low_open=True)
+        self.u_a = check_number(name, 'u_a', u_a, low=0, low_open=True)
         if self.u_a <= self.l_a:
             raise ConfigError(f'{name}: u_a must be > l_a (the magnitude '
                               f'range [l_a, u_a]), got l_a={l_a!r}, '
                               f'u_a={u_a!r}')
-        self.l_m = _check_number(name, 'l_m', l_m, low=0, high=math.pi,
-                                 high_open=True)
-        self.u_m = _check_number(name, 'u_m', u_m, low=0, high=math.pi,
-                                 high_open=True)
+        self.l_m = check_number(name, 'l_m', l_m, low=0, high=math.pi,
+                                high_open=True)
+        self.u_m = check_number(name, 'u_m', u_m, low=0, high=math.pi,
+                                high_open=True)
         if self.u_m < self.l_m:
             raise ConfigError(f'{name}: u_m must be >= l_m (margins in '
                               f'radians, 0 <= l_m <= u_m < pi), got '
                               f'l_m={l_m!r}, u_m={u_m!r}')
-        self.lambda_g = _check_number(name, 'lambda_g', lambda_g, low=0)
+        self.lambda_g = check_number(name, 'lambda_g', lambda_g, low=0)
         self.easy_margin = bool(easy_margin)
 
     # ------------------------------------------------------------ maths
     def magnitude(self, emb: torch.Tensor) -> torch.Tensor:
         """``a = clamp(‖f‖, l_a, u_a)`` per row (differentiable)."""
         dtype = self._compute_dtype(emb)
-        with _no_autocast(emb.device.type):
+        with no_autocast(emb.device.type):
             return emb.to(dtype).norm(dim=1).clamp(self.l_a, self.u_a)
 
     def adaptive_margin(self, a: torch.Tensor) -> torch.Tensor:
@@ -115,7 +115,7 @@ class MagFace(BaseMarginHead):
         return self.replace_target(cos, labels, target)
 
     def _logits_and_mag(self, emb, labels):
-        with _no_autocast(emb.device.type):
+        with no_autocast(emb.device.type):
             cos = self.cosine(emb)
             a = self.magnitude(emb).to(cos.dtype)
             return self.s * self.margin_cosine(cos, labels, a), a
@@ -131,7 +131,7 @@ class MagFace(BaseMarginHead):
         self.check_embedding(emb)
         labels = self.check_labels(labels, emb)
         logits, a = self._logits_and_mag(emb, labels)
-        with _no_autocast(emb.device.type):
+        with no_autocast(emb.device.type):
             return dict(loss_cls=F.cross_entropy(logits, labels),
                         loss_mag=self.lambda_g * self.regularizer(a))
 

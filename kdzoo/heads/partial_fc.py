@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 from kdzoo.registry import HEADS
-from kdzoo.utils import ConfigError
+from kdzoo.utils import ConfigError, check_int, check_number, no_autocast
 from .arcface import arc_margin
-from .base import BaseMarginHead, _check_count, _check_number, _no_autocast
+from .base import BaseMarginHead
 
 MARGINS = ('arcface', 'cosface')
 
@@ -215,7 +215,7 @@ class PartialFC(BaseMarginHead):
                  sample_rate: float = 1.0, eps: float = 1e-7,
                  init_std: float = 0.01):
         name = type(self).__name__
-        num_classes = _check_count(name, 'num_classes', num_classes)
+        num_classes = check_int(name, 'num_classes', num_classes)
         rank, world_size = _dist_info()
         if num_classes < world_size:
             raise ConfigError(f'{name}: num_classes must be >= the world size '
@@ -245,8 +245,8 @@ class PartialFC(BaseMarginHead):
             raise ConfigError(f'{name}: m is an angle in radians for '
                               f"margin='arcface' and must be in [0, pi), got "
                               f'{m!r}')
-        self.sample_rate = _check_number(name, 'sample_rate', sample_rate,
-                                         low=0, high=1, low_open=True)
+        self.sample_rate = check_number(name, 'sample_rate', sample_rate,
+                                        low=0, high=1, low_open=True)
         self.num_sample = max(1, int(self.sample_rate * num_local))
         self.last_index = None
         self._init_shard(seed, init_std)
@@ -388,7 +388,7 @@ class PartialFC(BaseMarginHead):
         labels = self.check_labels(labels, emb)
         self._check_world()
         dtype = self._compute_dtype(emb)
-        with _no_autocast(emb.device.type):
+        with no_autocast(emb.device.type):
             emb = emb.to(dtype)
             sizes = _gather_sizes(emb.shape[0], emb.device, self.world_size)
             if self.world_size > 1:

@@ -57,7 +57,6 @@ Age labels: ``ages`` are years (SynthFaceAge: 5..80), long or float. Negative
 ignored, so data with and without age labels can be mixed (LIAAD's setting);
 a batch without any known age gives a zero loss that still has a graph.
 """
-import math
 from typing import Optional, Sequence
 
 import torch
@@ -65,37 +64,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdzoo.registry import LOSSES
-from kdzoo.utils import ConfigError
+from kdzoo.utils import ConfigError, check_int, check_number
 from .base import BaseDistillLoss, require_ndim
 
 
 # ---------------------------------------------------------------- helpers
-def _finite_number(owner: str, name: str, value, low: Optional[float] = None,
-                   low_open: bool = False, what: str = '') -> float:
-    """``float(value)`` if it is a finite number (above ``low``) else raise
-    ``ConfigError`` naming the class, the argument, the value and the range."""
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value))
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if not ok:
-        rng = '' if low is None else \
-            f" {'>' if low_open else '>='} {low}"
-        raise ConfigError(f'{owner}: {name} must be a finite number{rng}'
-                          f"{' (' + what + ')' if what else ''}, got "
-                          f'{value!r}')
-    return float(value)
-
-
-def _int(owner: str, name: str, value, low: int, what: str = '') -> int:
-    if not (isinstance(value, int) and not isinstance(value, bool)
-            and value >= low):
-        raise ConfigError(f'{owner}: {name} must be an integer >= {low}'
-                          f"{' (' + what + ')' if what else ''}, got "
-                          f'{value!r}')
-    return int(value)
-
-
 def _check_emb_and_ages(shapes) -> None:
     require_ndim('s_emb', shapes['s_emb'], 2, 'B×D embeddings')
     batch = int(shapes['s_emb'][0])
@@ -181,11 +154,11 @@ class AgeNormRegressionLoss(BaseDistillLoss):
                  loss_weight: float = 1.0):
         super().__init__(loss_weight)
         name = type(self).__name__
-        self.age_scale = _finite_number(name, 'age_scale', age_scale, 0,
-                                        low_open=True,
-                                        what='norm units per year')
-        self.age_offset = _finite_number(name, 'age_offset', age_offset, 0,
-                                         what='target norm at age 0')
+        self.age_scale = check_number(name, 'age_scale', age_scale, 0,
+                                      low_open=True,
+                                      what='norm units per year')
+        self.age_offset = check_number(name, 'age_offset', age_offset, 0,
+                                       what='target norm at age 0')
 
     def check_shapes(self, shapes):
         _check_emb_and_ages(shapes)
@@ -262,14 +235,16 @@ class AgeAdversarialLoss(BaseDistillLoss):
         super().__init__(loss_weight)
         name = type(self).__name__
         if embedding_size is not None:
-            embedding_size = _int(name, 'embedding_size', embedding_size, 1,
-                                  'the D of s_emb, or None to infer it')
-        self.num_age_groups = _int(name, 'num_age_groups', num_age_groups, 2)
+            embedding_size = check_int(
+                name, 'embedding_size', embedding_size, 1,
+                'the D of s_emb, or None to infer it')
+        self.num_age_groups = check_int(name, 'num_age_groups',
+                                        num_age_groups, 2)
         ok = isinstance(age_range, (list, tuple)) and len(age_range) == 2
         if ok:
             try:
-                low = _finite_number(name, 'age_range[0]', age_range[0], 0)
-                high = _finite_number(name, 'age_range[1]', age_range[1])
+                low = check_number(name, 'age_range[0]', age_range[0], 0)
+                high = check_number(name, 'age_range[1]', age_range[1])
             except ConfigError:
                 ok = False
             else:
@@ -278,10 +253,10 @@ class AgeAdversarialLoss(BaseDistillLoss):
             raise ConfigError(f'{name}: age_range must be (low, high) years '
                               f'with 0 <= low < high, got {age_range!r}')
         self.age_range = (low, high)
-        self.grl_lambda = _finite_number(name, 'grl_lambda', grl_lambda, 0,
-                                         what='gradient-reversal strength')
-        self.hidden = _int(name, 'hidden', hidden, 0,
-                           '0 gives a linear classifier')
+        self.grl_lambda = check_number(name, 'grl_lambda', grl_lambda, 0,
+                                       what='gradient-reversal strength')
+        self.hidden = check_int(name, 'hidden', hidden, 0,
+                                '0 gives a linear classifier')
         self.embedding_size = embedding_size
         self.classifier: Optional[nn.Module] = None
         if embedding_size is not None:
@@ -367,10 +342,10 @@ class CrossAgeCompactnessLoss(BaseDistillLoss):
                  loss_weight: float = 1.0):
         super().__init__(loss_weight)
         name = type(self).__name__
-        self.age_gap_scale = _finite_number(name, 'age_gap_scale',
-                                            age_gap_scale, 0, low_open=True,
-                                            what='years')
-        self.gamma = _finite_number(name, 'gamma', gamma, 0)
+        self.age_gap_scale = check_number(name, 'age_gap_scale',
+                                          age_gap_scale, 0, low_open=True,
+                                          what='years')
+        self.gamma = check_number(name, 'gamma', gamma, 0)
 
     def check_shapes(self, shapes):
         _check_emb_and_ages(shapes)

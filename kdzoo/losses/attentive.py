@@ -21,7 +21,6 @@ The angular term in both readings is ShrinkTeaNet's (Duong, Luu, Quach, Le,
 arXiv 1905.10620, Eq. 4 final layer / Eq. 6 stages), which IS verified; the
 final-layer term alone is :class:`kdzoo.losses.angular.AngularDistillationLoss`.
 """
-import math
 from typing import Dict, Optional, Sequence, Union
 
 import torch
@@ -29,20 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdzoo.registry import LOSSES
-from kdzoo.utils import ConfigError
+from kdzoo.utils import ConfigError, is_finite_number, is_int
 from .base import BaseDistillLoss, require_ndim, require_same_shape
 
 
 # ---------------------------------------------------------------- helpers
-def _is_number(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _same_batch(named_shapes: Dict[str, torch.Size]) -> None:
     """Raise if the first dimensions of the given shapes differ."""
     batches = {name: int(shape[0]) for name, shape in named_shapes.items()
@@ -132,7 +122,7 @@ class AgeAttentionLoss(BaseDistillLoss):
                  resize: str = 'bilinear', loss_weight: float = 1.0):
         super().__init__(loss_weight)
         name = type(self).__name__
-        if not _is_number(q) or q < 1:
+        if not is_finite_number(q) or q < 1:
             raise ConfigError(f'{name}: q must be a finite number >= 1 (the '
                               f'attention exponent, usually 2), got {q!r}')
         if attention_use not in self.USES:
@@ -289,36 +279,36 @@ class TeacherAttentionAngularLoss(BaseDistillLoss):
                  loss_weight: float = 1.0):
         super().__init__(loss_weight)
         name = type(self).__name__
-        if not _is_int(num_teachers) or num_teachers != 2:
+        if not is_int(num_teachers) or num_teachers != 2:
             raise ConfigError(f'{name}: num_teachers must be 2 (the only '
                               f'supported value), got {num_teachers!r}')
         self.num_teachers = 2
         if teacher_dim is None:
             dims = None
-        elif _is_int(teacher_dim):
+        elif is_int(teacher_dim):
             dims = (teacher_dim, teacher_dim)
         elif isinstance(teacher_dim, (list, tuple)):
             dims = tuple(teacher_dim)
         else:
             dims = ()
         if dims is not None and (len(dims) != 2 or not all(
-                _is_int(d) and d >= 1 for d in dims)):
+                is_int(d) and d >= 1 for d in dims)):
             raise ConfigError(f'{name}: teacher_dim must be None, an int >= 1 '
                               'or a sequence of 2 ints >= 1, got '
                               f'{teacher_dim!r}')
-        if not _is_int(hidden) or hidden < 1:
+        if not is_int(hidden) or hidden < 1:
             raise ConfigError(f'{name}: hidden must be an int >= 1, got '
                               f'{hidden!r}')
-        if not _is_number(p) or p <= 0:
+        if not is_finite_number(p) or p <= 0:
             raise ConfigError(f'{name}: p must be a finite number > 0 (1 or '
                               f'2 are the documented choices), got {p!r}')
-        if not _is_number(tau) or tau <= 0:
+        if not is_finite_number(tau) or tau <= 0:
             raise ConfigError(f'{name}: tau must be a finite number > 0, got '
                               f'{tau!r}')
-        if not _is_number(alpha_min) or not 0 <= alpha_min < 0.5:
+        if not is_finite_number(alpha_min) or not 0 <= alpha_min < 0.5:
             raise ConfigError(f'{name}: alpha_min must be in [0, 0.5), got '
                               f'{alpha_min!r}')
-        if not _is_number(beta) or beta < 0:
+        if not is_finite_number(beta) or beta < 0:
             raise ConfigError(f'{name}: beta must be a finite number >= 0, '
                               f'got {beta!r}')
         self.hidden = int(hidden)

@@ -25,15 +25,13 @@ The distiller reads the argument names from the ``loss`` signature
 (arguments without a default are required). A plugin that overrides
 ``forward`` itself (the older form) still works; it then owns the frame.
 """
-import contextlib
 import inspect
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from kdzoo.utils import ConfigError
+from kdzoo.utils import check_number, no_autocast
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -48,13 +46,8 @@ class BaseDistillLoss(nn.Module):
 
     def __init__(self, loss_weight: float = 1.0):
         super().__init__()
-        if not isinstance(loss_weight, (int, float)) or isinstance(
-                loss_weight, bool) or not math.isfinite(
-                loss_weight) or loss_weight < 0:
-            raise ConfigError(
-                f'{type(self).__name__}: loss_weight must be a finite number '
-                f'>= 0, got {loss_weight!r}')
-        self.loss_weight = float(loss_weight)
+        self.loss_weight = check_number(type(self).__name__, 'loss_weight',
+                                        loss_weight, 0)
         #: set by the distiller once it has checked the bound shapes
         self.inputs_checked = False
 
@@ -169,20 +162,6 @@ def require_same_shape(name_a: str, shape_a, name_b: str, shape_b,
         raise ValueError(f'{name_a} has shape {tuple(shape_a)} but {name_b} '
                          f'has shape {tuple(shape_b)}; they must match.'
                          + (f' {hint}' if hint else ''))
-
-
-def is_finite_number(value) -> bool:
-    """True for a finite int/float (bools excluded): for argument checks."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-def no_autocast(device_type: str):
-    """Disable autocast on ``device_type`` (float32 similarity math)."""
-    try:
-        return torch.autocast(device_type=device_type, enabled=False)
-    except RuntimeError:  # a device type autocast does not know
-        return contextlib.nullcontext()
 
 
 def require_embeddings_and_labels(shapes) -> None:

@@ -7,18 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdzoo.registry import LOSSES
-from kdzoo.utils import ConfigError
+from kdzoo.utils import ConfigError, check_int
 from .base import BaseDistillLoss
-
-
-def _int_arg(name: str, value, low: int, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        extra = ' or None' if allow_none else ''
-        raise ConfigError(f'CRDLoss: {name} must be an integer >= {low}'
-                          f'{extra}, got {value!r}')
-    return int(value)
 
 
 @LOSSES.register_module()
@@ -84,11 +74,11 @@ class CRDLoss(BaseDistillLoss):
                  nce_k: int = 16384, nce_t: float = 0.07, nce_m: float = 0.5,
                  loss_weight: float = 1.0):
         super().__init__(loss_weight)
-        self.num_data = _int_arg('num_data', num_data, 2)
-        self.s_dim = _int_arg('s_dim', s_dim, 1, allow_none=True)
-        self.t_dim = _int_arg('t_dim', t_dim, 1, allow_none=True)
-        self.feat_dim = _int_arg('feat_dim', feat_dim, 1)
-        self.nce_k = _int_arg('nce_k', nce_k, 1)
+        self.num_data = check_int('CRDLoss', 'num_data', num_data, 2)
+        self.s_dim = check_int('CRDLoss', 's_dim', s_dim, 1, allow_none=True)
+        self.t_dim = check_int('CRDLoss', 't_dim', t_dim, 1, allow_none=True)
+        self.feat_dim = check_int('CRDLoss', 'feat_dim', feat_dim, 1)
+        self.nce_k = check_int('CRDLoss', 'nce_k', nce_k, 1)
         if self.nce_k >= self.num_data:
             raise ConfigError(
                 f'CRDLoss: nce_k must be < num_data (negatives are drawn from '

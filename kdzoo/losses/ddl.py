@@ -6,9 +6,8 @@ import torch.nn.functional as F
 from mmengine.logging import print_log
 
 from kdzoo.registry import LOSSES
-from kdzoo.utils import ConfigError
-from .base import (BaseDistillLoss, is_finite_number,
-                   require_embeddings_and_labels)
+from kdzoo.utils import ConfigError, is_finite_number
+from .base import BaseDistillLoss, require_embeddings_and_labels
 
 
 @LOSSES.register_module()

@@ -1,19 +1,13 @@
 """Feature-level distillation: FitNets hints, attention transfer, PKT, and
 the embedding L2 / cosine losses used as face-KD baselines."""
-import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from kdzoo.registry import LOSSES
-from kdzoo.utils import ConfigError
+from kdzoo.utils import ConfigError, is_finite_number
 from .base import BaseDistillLoss, require_ndim, require_same_shape
-
-
-def _finite(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)
-            and math.isfinite(value))
 
 
 def _require_same_batch(name_a, shape_a, name_b, shape_b) -> None:
@@ -122,7 +116,7 @@ class ATLoss(BaseDistillLoss):
     def __init__(self, p: float = 2.0, mode: str = 'code',
                  loss_weight: float = 1.0):
         super().__init__(loss_weight)
-        if not _finite(p) or p < 1:
+        if not is_finite_number(p) or p < 1:
             raise ConfigError(f'ATLoss: p must be a finite number >= 1 (the '
                               f'attention exponent, usually 2), got {p!r}')
         if mode not in self.MODES:
@@ -193,7 +187,7 @@ class PKTLoss(BaseDistillLoss):
 
     def __init__(self, eps: float = 1e-7, loss_weight: float = 1.0):
         super().__init__(loss_weight)
-        if not _finite(eps) or eps <= 0:
+        if not is_finite_number(eps) or eps <= 0:
             raise ConfigError(f'PKTLoss: eps must be a finite number > 0 '
                               f'(RepDistiller: 1e-7), got {eps!r}')
         self.eps = float(eps)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from kdzoo.heads.arcface import arc_margin
 from kdzoo.registry import LOSSES
-from kdzoo.utils import ConfigError
+from kdzoo.utils import ConfigError, check_class_labels, check_number
 from .base import BaseDistillLoss, require_ndim, require_same_shape
 
 
@@ -33,9 +33,7 @@ class KDLoss(BaseDistillLoss):
 
     def __init__(self, tau: float = 4.0, loss_weight: float = 1.0):
         super().__init__(loss_weight)
-        if not tau > 0:
-            raise ValueError(f'KDLoss: tau must be > 0, got {tau}')
-        self.tau = float(tau)
+        self.tau = check_number('KDLoss', 'tau', tau, 0, low_open=True)
 
     def check_shapes(self, shapes):
         require_ndim('s_logits', shapes['s_logits'], 2, 'B×C logits')
@@ -55,22 +53,6 @@ class KDLoss(BaseDistillLoss):
 
 
 # ---------------------------------------------------------------- helpers
-def _number(owner: str, name: str, value, low: float, low_open: bool = False,
-            what: str = '') -> float:
-    """``float(value)`` if it is a finite number above ``low``, else raise
-    ``ConfigError`` naming the class, the argument, the value and the range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value)
-    if ok:
-        ok = value > low if low_open else value >= low
-    if not ok:
-        rng = f"{'>' if low_open else '>='} {low}"
-        raise ConfigError(f'{owner}: {name} must be a finite number {rng}'
-                          f"{' (' + what + ')' if what else ''}, got "
-                          f'{value!r}')
-    return float(value)
-
-
 def _check_logits_and_labels(shapes, needs_two_classes: bool = False) -> None:
     """Shape checks shared by the label-aware logit losses."""
     require_ndim('s_logits', shapes['s_logits'], 2, 'B×C logits')
@@ -89,25 +71,6 @@ def _check_logits_and_labels(shapes, needs_two_classes: bool = False) -> None:
                          f'labels must be ({batch},), one class index per '
                          'row (bind labels to the data label, e.g. '
                          "labels='data.label').")
-
-
-def _check_labels(owner: str, labels, num_classes: int) -> torch.Tensor:
-    """Return ``labels`` as int64 or raise ``ValueError`` (dtype, range)."""
-    if not isinstance(labels, torch.Tensor) or labels.dtype == torch.bool \
-            or labels.is_floating_point() or labels.is_complex():
-        what = labels.dtype if isinstance(labels, torch.Tensor) else \
-            type(labels).__name__
-        raise ValueError(f'{owner}: labels must be an integer tensor of class '
-                         f'indices in [0, {num_classes}), got {what}')
-    if labels.numel():
-        low, high = torch.aminmax(labels)
-        low, high = int(low), int(high)
-        if low < 0 or high >= num_classes:
-            bad = low if low < 0 else high
-            raise ValueError(f'{owner}: labels must lie in [0, {num_classes}) '
-                             f'(the logits have {num_classes} classes), got '
-                             f'label {bad}')
-    return labels.long()
 
 
 def _kl_from_logs(log_p_t: torch.Tensor,
@@ -163,11 +126,11 @@ class DKDLoss(BaseDistillLoss):
                  loss_weight: float = 1.0):
         super().__init__(loss_weight)
         name = type(self).__name__
-        self.alpha = _number(name, 'alpha', alpha, 0)
-        self.beta = _number(name, 'beta', beta, 0)
-        self.tau = _number(name, 'tau', tau, 0, low_open=True)
-        self.warmup = _number(name, 'warmup', warmup, 0,
-                              what='epochs; 0 disables the warm-up')
+        self.alpha = check_number(name, 'alpha', alpha, 0)
+        self.beta = check_number(name, 'beta', beta, 0)
+        self.tau = check_number(name, 'tau', tau, 0, low_open=True)
+        self.warmup = check_number(name, 'warmup', warmup, 0,
+                                   what='epochs; 0 disables the warm-up')
 
     def check_shapes(self, shapes):
         _check_logits_and_labels(shapes, needs_two_classes=True)
@@ -181,8 +144,8 @@ class DKDLoss(BaseDistillLoss):
     def loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor,
              labels: torch.Tensor) -> torch.Tensor:
         batch, classes = s_logits.shape
-        labels = _check_labels(type(self).__name__, labels, classes).to(
-            s_logits.device)
+        labels = check_class_labels(type(self).__name__, labels,
+                                    classes).to(s_logits.device)
         z_s = s_logits.float() / self.tau
         z_t = t_logits.float() / self.tau
         target = F.one_hot(labels, classes).bool()
@@ -257,9 +220,9 @@ class DISTLoss(BaseDistillLoss):
                  tau: float = 1.0, loss_weight: float = 1.0):
         super().__init__(loss_weight)
         name = type(self).__name__
-        self.beta = _number(name, 'beta', beta, 0)
-        self.gamma = _number(name, 'gamma', gamma, 0)
-        self.tau = _number(name, 'tau', tau, 0, low_open=True)
+        self.beta = check_number(name, 'beta', beta, 0)
+        self.gamma = check_number(name, 'gamma', gamma, 0)
+        self.tau = check_number(name, 'tau', tau, 0, low_open=True)
 
     def check_shapes(self, shapes):
         require_ndim('s_logits', shapes['s_logits'], 2, 'B×C logits')
@@ -333,10 +296,10 @@ class MarginKDLoss(BaseDistillLoss):
                  margin: str = 'cosface', loss_weight: float = 1.0):
         super().__init__(loss_weight)
         name = type(self).__name__
-        self.tau = _number(name, 'tau', tau, 0, low_open=True)
-        self.s = _number(name, 's', s, 0, low_open=True,
-                         what="the heads' logit scale")
-        self.m = _number(name, 'm', m, 0)
+        self.tau = check_number(name, 'tau', tau, 0, low_open=True)
+        self.s = check_number(name, 's', s, 0, low_open=True,
+                              what="the heads' logit scale")
+        self.m = check_number(name, 'm', m, 0)
         if margin not in self.MARGINS:
             raise ConfigError(f'{name}: margin must be one of '
                               f'{list(self.MARGINS)}, got {margin!r}')
@@ -362,8 +325,8 @@ class MarginKDLoss(BaseDistillLoss):
 
     def loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor,
              labels: torch.Tensor) -> torch.Tensor:
-        labels = _check_labels(type(self).__name__, labels,
-                               s_logits.shape[1]).to(s_logits.device)
+        labels = check_class_labels(type(self).__name__, labels,
+                                    s_logits.shape[1]).to(s_logits.device)
         z_s = self.apply_margin(s_logits.float(), labels)
         z_t = self.apply_margin(t_logits.float(), labels)
         log_p_s = F.log_softmax(z_s / self.tau, dim=1)

@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kdzoo.heads.base import _check_count, _check_number
 from kdzoo.registry import LOSSES
-from kdzoo.utils import CheckpointError, ConfigError
+from kdzoo.utils import (CheckpointError, ConfigError, check_class_labels,
+                         check_int, check_number)
 from kdzoo.utils.checkpoint import extract_state_dict, load_weights_file
 from .base import BaseDistillLoss, require_ndim
 
@@ -54,32 +54,6 @@ def _arc_target(cos_y: torch.Tensor, m) -> torch.Tensor:
     """
     theta = torch.acos(cos_y.clamp(-1.0 + _ACOS_EPS, 1.0 - _ACOS_EPS))
     return torch.cos(theta + m)
-
-
-def _check_labels(owner: str, labels, batch: int,
-                  num_classes: int) -> None:
-    """Raise ``ValueError``/``ConfigError`` unless labels are (B,) ints in
-    ``[0, num_classes)``."""
-    if not isinstance(labels, torch.Tensor) or labels.dtype == torch.bool \
-            or labels.is_floating_point() or labels.is_complex():
-        got = labels.dtype if isinstance(labels, torch.Tensor) else \
-            type(labels).__name__
-        raise ValueError(
-            f'{owner}: labels must be an integer tensor of class indices in '
-            f'[0, {num_classes}), got {got}')
-    if labels.dim() != 1 or labels.shape[0] != batch:
-        raise ValueError(f'{owner}: labels must have shape ({batch},), one '
-                         f'class index per embedding, got '
-                         f'{tuple(labels.shape)}')
-    if labels.numel():
-        low, high = torch.aminmax(labels)
-        low, high = int(low), int(high)
-        if low < 0 or high >= num_classes:
-            bad = low if low < 0 else high
-            raise ConfigError(
-                f'{owner}: label {bad} in labels is outside [0, '
-                f'{num_classes}) (the centres have {num_classes} classes); '
-                'the dataset identities must be the classes of the centres')
 
 
 def _check_emb_shapes(owner: str, shapes, dim: int, dim_hint: str) -> None:
@@ -185,18 +159,18 @@ class MarginDistillationLoss(BaseDistillLoss):
             raise ConfigError(f'{name}: head_checkpoint must be the path of '
                               'the teacher head weights (e.g. a kdzoo '
                               f'head.pth), got {head_checkpoint!r}')
-        self.s = _check_number(name, 's', s, low=0, low_open=True)
-        self.m_min = _check_number(name, 'm_min', m_min, low=0,
-                                   high=math.pi, high_open=True)
-        self.m_max = _check_number(name, 'm_max', m_max, low=0,
-                                   high=math.pi, high_open=True)
+        self.s = check_number(name, 's', s, low=0, low_open=True)
+        self.m_min = check_number(name, 'm_min', m_min, low=0,
+                                  high=math.pi, high_open=True)
+        self.m_max = check_number(name, 'm_max', m_max, low=0,
+                                  high=math.pi, high_open=True)
         if self.m_max < self.m_min:
             raise ConfigError(f'{name}: m_max must be >= m_min (margins in '
                               f'radians, 0 <= m_min <= m_max < pi), got '
                               f'm_max={m_max!r}, m_min={m_min!r}')
         if embedding_size is not None:
-            embedding_size = _check_count(name, 'embedding_size',
-                                          embedding_size)
+            embedding_size = check_int(name, 'embedding_size',
+                                       embedding_size)
         self.head_checkpoint = str(head_checkpoint)
         centers = self._load_centers(self.head_checkpoint, embedding_size)
         self.register_buffer('centers', F.normalize(centers, dim=1))
@@ -283,9 +257,9 @@ class MarginDistillationLoss(BaseDistillLoss):
 
     def loss(self, s_emb: torch.Tensor, t_emb: torch.Tensor,
              labels: torch.Tensor) -> torch.Tensor:
-        _check_labels(type(self).__name__, labels, s_emb.shape[0],
-                      self.num_classes)
-        labels = labels.to(device=s_emb.device, dtype=torch.long)
+        labels = check_class_labels(type(self).__name__, labels,
+                                    self.num_classes,
+                                    s_emb.shape[0]).to(s_emb.device)
         if s_emb.shape[0] == 0:
             return s_emb.float().sum() * 0.0
         dtype = _compute_dtype(s_emb)
@@ -386,9 +360,9 @@ class AdaDistillLoss(BaseDistillLoss):
                  loss_weight: float = 1.0):
         super().__init__(loss_weight)
         name = type(self).__name__
-        self.num_classes = _check_count(name, 'num_classes', num_classes)
-        self.embedding_size = _check_count(name, 'embedding_size',
-                                           embedding_size)
+        self.num_classes = check_int(name, 'num_classes', num_classes)
+        self.embedding_size = check_int(name, 'embedding_size',
+                                        embedding_size)
         if margin not in self.MARGINS:
             raise ConfigError(f'{name}: margin must be one of '
                               f'{self.MARGINS}, got {margin!r}')
@@ -397,14 +371,14 @@ class AdaDistillLoss(BaseDistillLoss):
                               f'got {alpha!r}')
         self.margin = margin
         self.alpha = alpha
-        self.s = _check_number(name, 's', s, low=0, low_open=True)
+        self.s = check_number(name, 's', s, low=0, low_open=True)
         if margin == 'arcface':
-            self.m = _check_number(name, 'm', m, low=0, high=math.pi,
-                                   high_open=True)
+            self.m = check_number(name, 'm', m, low=0, high=math.pi,
+                                  high_open=True)
         else:
-            self.m = _check_number(name, 'm', m, low=0)
-        init_std = _check_number(name, 'init_std', init_std, low=0,
-                                 low_open=True)
+            self.m = check_number(name, 'm', m, low=0)
+        init_std = check_number(name, 'init_std', init_std, low=0,
+                                low_open=True)
         centers = torch.empty(self.num_classes, self.embedding_size)
         torch.nn.init.normal_(centers, mean=0.0, std=init_std)
         self.register_buffer('centers', centers)
@@ -472,9 +446,9 @@ class AdaDistillLoss(BaseDistillLoss):
     # ------------------------------------------------------------ forward
     def loss(self, s_emb: torch.Tensor, t_emb: torch.Tensor,
              labels: torch.Tensor) -> torch.Tensor:
-        _check_labels(type(self).__name__, labels, s_emb.shape[0],
-                      self.num_classes)
-        labels = labels.to(device=s_emb.device, dtype=torch.long)
+        labels = check_class_labels(type(self).__name__, labels,
+                                    self.num_classes,
+                                    s_emb.shape[0]).to(s_emb.device)
         if s_emb.shape[0] == 0:
             return s_emb.float().sum() * 0.0
         dtype = _compute_dtype(s_emb)

@@ -12,28 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from kdzoo.registry import LOSSES
-from kdzoo.utils import ConfigError
+from kdzoo.utils import ConfigError, check_int, check_number
 from .base import BaseDistillLoss
-
-
-def _check_number(cls: str, name: str, value, low: float = 0.0,
-                  low_inclusive: bool = False) -> float:
-    """``value`` as a float, or ConfigError naming class, argument, range."""
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value)
-          and (value >= low if low_inclusive else value > low))
-    if not ok:
-        sign = '>=' if low_inclusive else '>'
-        raise ConfigError(f'{cls}: {name} must be a finite number {sign} '
-                          f'{low}, got {value!r}')
-    return float(value)
-
-
-def _check_int(cls: str, name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f'{cls}: {name} must be an integer >= {low}, got '
-                          f'{value!r}')
-    return int(value)
 
 
 def _check_pair(shapes: Dict[str, torch.Size], s_name: str, t_name: str,
@@ -96,10 +76,8 @@ class RKDLoss(BaseDistillLoss):
     def __init__(self, w_dist: float = 25.0, w_angle: float = 50.0,
                  loss_weight: float = 1.0):
         super().__init__(loss_weight)
-        self.w_dist = _check_number('RKDLoss', 'w_dist', w_dist,
-                                    low_inclusive=True)
-        self.w_angle = _check_number('RKDLoss', 'w_angle', w_angle,
-                                     low_inclusive=True)
+        self.w_dist = check_number('RKDLoss', 'w_dist', w_dist, 0)
+        self.w_angle = check_number('RKDLoss', 'w_angle', w_angle, 0)
         if self.w_dist == 0 and self.w_angle == 0:
             raise ConfigError('RKDLoss: w_dist and w_angle are both 0; set at '
                               'least one of them > 0')
@@ -237,8 +215,8 @@ class CCLoss(BaseDistillLoss):
     def __init__(self, gamma: float = 0.4, p_order: int = 2,
                  include_last_order: bool = False, loss_weight: float = 1.0):
         super().__init__(loss_weight)
-        self.gamma = _check_number('CCLoss', 'gamma', gamma)
-        self.p_order = _check_int('CCLoss', 'p_order', p_order, 1)
+        self.gamma = check_number('CCLoss', 'gamma', gamma, 0, low_open=True)
+        self.p_order = check_int('CCLoss', 'p_order', p_order, 1)
         if not isinstance(include_last_order, bool):
             raise ConfigError(f'CCLoss: include_last_order must be True or '
                               f'False, got {include_last_order!r}')
@@ -316,10 +294,12 @@ class DarkRankLoss(BaseDistillLoss):
                  permute_len: int = 3, candidates: str = 'list',
                  loss_weight: float = 1.0):
         super().__init__(loss_weight)
-        self.alpha = _check_number('DarkRankLoss', 'alpha', alpha)
-        self.beta = _check_number('DarkRankLoss', 'beta', beta)
-        self.permute_len = _check_int('DarkRankLoss', 'permute_len',
-                                      permute_len, 1)
+        self.alpha = check_number('DarkRankLoss', 'alpha', alpha, 0,
+                                  low_open=True)
+        self.beta = check_number('DarkRankLoss', 'beta', beta, 0,
+                                 low_open=True)
+        self.permute_len = check_int('DarkRankLoss', 'permute_len',
+                                     permute_len, 1)
         if candidates not in self.CANDIDATES:
             raise ConfigError(f'DarkRankLoss: candidates must be one of '
                               f'{self.CANDIDATES}, got {candidates!r}')

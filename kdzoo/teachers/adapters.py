@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from kdzoo.registry import BACKBONES, HEADS, TEACHERS
-from kdzoo.utils import (ConfigError, did_you_mean, extract_state_dict,
-                         load_into, load_module_weights, load_weights_file)
+from kdzoo.utils import (ConfigError, check_size, did_you_mean,
+                         extract_state_dict, load_into, load_module_weights,
+                         load_weights_file)
 from .base import FrozenTeacher, Number
 
 
@@ -259,7 +260,6 @@ class TimmTeacher(FrozenTeacher):
         import timm
         from timm.data import resolve_data_config
 
-        from kdzoo.backbones.base import check_input_size
         owner = 'TimmTeacher'
         if not isinstance(model_name, str) or not timm.is_model(model_name):
             raise ConfigError(
@@ -278,7 +278,7 @@ class TimmTeacher(FrozenTeacher):
             raise ConfigError(f'{owner}: num_classes must be None (from the '
                               'file), 0 (pooled features) or a positive '
                               f'integer, got {num_classes!r}')
-        input_size = check_input_size(owner, input_size)
+        input_size = check_size(owner, input_size)
         what = f'{owner} checkpoint'
         source = f'{what} {checkpoint!r}'
         state = extract_state_dict(load_weights_file(checkpoint, what),

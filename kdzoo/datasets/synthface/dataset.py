@@ -64,6 +64,7 @@ from mmengine.dataset import BaseDataset
 from mmengine.logging import print_log
 
 from kdzoo.registry import DATASETS, TRANSFORMS
+from kdzoo.utils.checks import check_int
 from kdzoo.utils.errors import ConfigError, did_you_mean
 from kdzoo.utils.fileio import (atomic_write_bytes, file_sha256,
                                  kdzoo_cache_dir)
@@ -157,21 +158,23 @@ class SynthFaceAge(BaseDataset):
                 f'{split!r}.{did_you_mean(str(split), _DEFAULTS)}')
         d = _DEFAULTS[split]
         self.split = split
-        self.num_identities = self._int(
-            'num_identities', d['num_identities'] if num_identities is None
-            else num_identities, 1)
-        self.images_per_identity = self._int(
-            'images_per_identity', d['images_per_identity']
+        owner = 'SynthFaceAge'
+        self.num_identities = check_int(
+            owner, 'num_identities', d['num_identities']
+            if num_identities is None else num_identities, 1)
+        self.images_per_identity = check_int(
+            owner, 'images_per_identity', d['images_per_identity']
             if images_per_identity is None else images_per_identity, 1)
-        self.image_size = self._int('image_size', image_size, 8)
-        self.seed = self._int('seed', seed, 0)
-        self.num_distractors = self._int(
-            'num_distractors', d['num_distractors'] if num_distractors is None
-            else num_distractors, 0)
-        self.images_per_distractor = self._int('images_per_distractor',
-                                               images_per_distractor, 1)
-        self.cross_age_gap = self._int('cross_age_gap', cross_age_gap, 1)
-        self.num_folds = self._int('num_folds', num_folds, 1)
+        self.image_size = check_int(owner, 'image_size', image_size, 8)
+        self.seed = check_int(owner, 'seed', seed, 0)
+        self.num_distractors = check_int(
+            owner, 'num_distractors', d['num_distractors']
+            if num_distractors is None else num_distractors, 0)
+        self.images_per_distractor = check_int(
+            owner, 'images_per_distractor', images_per_distractor, 1)
+        self.cross_age_gap = check_int(owner, 'cross_age_gap', cross_age_gap,
+                                       1)
+        self.num_folds = check_int(owner, 'num_folds', num_folds, 1)
         self.age_range = self._age_range(age_range)
         self.difficulty = self._difficulty(difficulty)
         self.num_threads = num_threads
@@ -198,14 +201,6 @@ class SynthFaceAge(BaseDataset):
         super().__init__(pipeline=pipeline, **kwargs)
 
     # ---- validation ------------------------------------------------------
-    @staticmethod
-    def _int(name, value, minimum):
-        if isinstance(value, bool) or \
-                not isinstance(value, (int, np.integer)) or value < minimum:
-            raise ConfigError(f'SynthFaceAge: {name} must be an integer >= '
-                              f'{minimum}, got {value!r}')
-        return int(value)
-
     @staticmethod
     def _age_range(age_range):
         try:
