@@ -22,7 +22,7 @@ from mmengine.logging import print_log
 from PIL import Image
 
 from kdzoo.registry import DATASETS
-from kdzoo.datasets.dataset_args import build_pipeline
+from kdzoo.datasets.dataset_args import LazyMetainfoMixin, build_pipeline
 from kdzoo.utils.checks import check_size
 from kdzoo.utils.errors import ConfigError, DataError
 from kdzoo.utils.fileio import file_sha256
@@ -363,7 +363,7 @@ def _pair_protocol(path: str, blobs: List[bytes], issame: np.ndarray,
 
 
 @DATASETS.register_module()
-class InsightFaceBinDataset(BaseDataset):
+class InsightFaceBinDataset(LazyMetainfoMixin, BaseDataset):
     """InsightFace .bin verification set (LFW, CFP-FF/FP, AgeDB-30, ...).
 
     Each item is one image; ``metainfo['verification'][protocol]`` holds
@@ -405,13 +405,6 @@ class InsightFaceBinDataset(BaseDataset):
         pipeline = build_pipeline(pipeline)
         super().__init__(ann_file=ann_file, data_root=data_root,
                          pipeline=pipeline, **kwargs)
-
-    @property
-    def metainfo(self) -> dict:
-        # The protocol is only known once the file is read (lazy_init).
-        if not self._fully_initialized:
-            self.full_init()
-        return super().metainfo
 
     def load_data_list(self) -> List[dict]:
         # Images stay encoded (~3 KB each; 40 MB for LFW) and are decoded in

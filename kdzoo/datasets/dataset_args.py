@@ -1,5 +1,5 @@
-"""The pipeline helper shared by the file-backed face datasets (their
-argument checks live in ``kdzoo.utils.checks``)."""
+"""Pieces shared by the file-backed face datasets (their argument checks
+live in ``kdzoo.utils.checks``)."""
 from typing import Optional
 
 from kdzoo.registry import TRANSFORMS
@@ -12,3 +12,15 @@ def build_pipeline(pipeline: Optional[list]) -> list:
         pipeline = [dict(type='PackFaceInputs')]
     return [TRANSFORMS.build(t) if isinstance(t, dict) else t
             for t in pipeline]
+
+
+class LazyMetainfoMixin:
+    """For datasets whose metainfo (classes, protocols) is known only once
+    the data is read: reading ``metainfo`` reads the data first (mmengine's
+    ``lazy_init`` otherwise leaves it incomplete)."""
+
+    @property
+    def metainfo(self) -> dict:
+        if not self._fully_initialized:
+            self.full_init()
+        return super().metainfo

@@ -11,7 +11,7 @@ from mmengine.dataset import BaseDataset
 
 from kdzoo.datasets.bin_dataset import decode_image
 from kdzoo.datasets.bad_items import SkipBadItemsMixin
-from kdzoo.datasets.dataset_args import build_pipeline
+from kdzoo.datasets.dataset_args import LazyMetainfoMixin, build_pipeline
 from kdzoo.datasets.fingerprint import files_fingerprint
 from kdzoo.registry import DATASETS
 from kdzoo.utils.checks import check_int, check_size
@@ -84,7 +84,7 @@ def scan_identity_folders(root: str,
 
 
 @DATASETS.register_module()
-class ImageFolderFaces(SkipBadItemsMixin, BaseDataset):
+class ImageFolderFaces(LazyMetainfoMixin, SkipBadItemsMixin, BaseDataset):
     """Face training set in one folder per identity (``<data_root>/<id>/
     <image>``), labels ``0 .. C-1`` in sorted folder order.
 
@@ -124,13 +124,6 @@ class ImageFolderFaces(SkipBadItemsMixin, BaseDataset):
             max_images_per_identity=max_images_per_identity)
         super().__init__(ann_file='', data_root=data_root,
                          pipeline=build_pipeline(pipeline), **kwargs)
-
-    @property
-    def metainfo(self) -> dict:
-        # The classes are known once the folder is scanned (lazy_init).
-        if not self._fully_initialized:
-            self.full_init()
-        return super().metainfo
 
     def load_data_list(self) -> List[dict]:
         scan = scan_identity_folders(self.data_root, self.extensions,

@@ -35,7 +35,7 @@ from mmengine.dataset import BaseDataset
 
 from kdzoo.datasets.bin_dataset import decode_image
 from kdzoo.datasets.bad_items import SkipBadItemsMixin
-from kdzoo.datasets.dataset_args import build_pipeline
+from kdzoo.datasets.dataset_args import LazyMetainfoMixin, build_pipeline
 from kdzoo.datasets.fingerprint import files_fingerprint
 from kdzoo.registry import DATASETS
 from kdzoo.utils.checks import check_size
@@ -351,7 +351,7 @@ def _image_labels(reader: IndexedRecordReader,
 
 
 @DATASETS.register_module()
-class RecordIODataset(SkipBadItemsMixin, BaseDataset):
+class RecordIODataset(LazyMetainfoMixin, SkipBadItemsMixin, BaseDataset):
     """InsightFace/MXNet RecordIO training set (``train.rec`` + ``train.idx``,
     e.g. MS1M-ArcFace, Glint360K, WebFace) read without mxnet.
 
@@ -392,13 +392,6 @@ class RecordIODataset(SkipBadItemsMixin, BaseDataset):
         self.reader: Optional[IndexedRecordReader] = None
         super().__init__(ann_file='', data_root=data_root,
                          pipeline=build_pipeline(pipeline), **kwargs)
-
-    @property
-    def metainfo(self) -> dict:
-        # num_classes is known once the records are read (lazy_init).
-        if not self._fully_initialized:
-            self.full_init()
-        return super().metainfo
 
     def load_data_list(self) -> List[dict]:
         self.reader = IndexedRecordReader(self.path_imgrec, self.path_imgidx)

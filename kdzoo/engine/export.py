@@ -39,6 +39,7 @@ from kdzoo.utils import (CheckpointError, ConfigError, KdzooError,
 from kdzoo.utils.checkpoint import select_prefix
 from kdzoo.version import __version__
 from .checkpoint import find_resume_checkpoint, runner_checkpoint_policy
+from .validate import import_custom_modules
 
 FORMATS = ('pth', 'onnx')
 DEFAULT_OPSET = 17
@@ -85,16 +86,6 @@ def find_run_checkpoint(run_dir: str) -> str:
             f'/ iter_*.pth and no {FINAL_BACKBONE}. Train the run first, or '
             'pass --checkpoint FILE.')
     return path
-
-
-def _import_custom_modules(cfg: Config, source: str) -> None:
-    if cfg.get('custom_imports'):
-        from mmengine.utils import import_modules_from_strings
-        try:
-            import_modules_from_strings(**cfg['custom_imports'])
-        except ImportError as e:
-            raise ConfigError(f'{source}: custom_imports failed: {e}. Is the '
-                              'module on PYTHONPATH?') from None
 
 
 def student_backbone_cfg(cfg: Config, source: str) -> dict:
@@ -170,7 +161,7 @@ def load_run_student(run_dir: str, checkpoint: Optional[str] = None
             '`kdzoo train` run (it holds the recipe copy and epoch_*.pth).')
     config = find_run_config(run_dir)
     cfg = Config.fromfile(config, import_custom_modules=False)
-    _import_custom_modules(cfg, config)
+    import_custom_modules(cfg, config)
     backbone_cfg = student_backbone_cfg(cfg, config)
     checkpoint = checkpoint or find_run_checkpoint(run_dir)
     state, meta = load_student_state(checkpoint)

@@ -101,9 +101,9 @@ def _check_loader(cfg: Config, name: str) -> None:
         check_registered_config(sampler, DATA_SAMPLERS, f'{name}.sampler')
 
 
-def validate_config(cfg: Config, source: str = 'recipe') -> None:
-    """Raise ``ConfigError`` naming the key of the first unknown type."""
-    import kdzoo  # noqa: F401  (register everything)
+def import_custom_modules(cfg: Config, source: str) -> None:
+    """Import the recipe's ``custom_imports`` (the user's plugin modules);
+    a module that cannot be imported is a ``ConfigError`` naming it."""
     if cfg.get('custom_imports'):
         from mmengine.utils import import_modules_from_strings
         try:
@@ -111,6 +111,12 @@ def validate_config(cfg: Config, source: str = 'recipe') -> None:
         except ImportError as e:
             raise ConfigError(f'{source}: custom_imports failed: {e}. Is the '
                               'module on PYTHONPATH?') from None
+
+
+def validate_config(cfg: Config, source: str = 'recipe') -> None:
+    """Raise ``ConfigError`` naming the key of the first unknown type."""
+    import kdzoo  # noqa: F401  (register everything)
+    import_custom_modules(cfg, source)
     if 'model' not in cfg:
         raise ConfigError(f'{source}: no "model" in the recipe')
     _walk_model(cfg['model'], 'model')

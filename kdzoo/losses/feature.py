@@ -10,6 +10,14 @@ from kdzoo.utils import ConfigError, is_finite_number
 from .base import BaseDistillLoss, require_ndim, require_same_shape
 
 
+def _check_embedding_pair(shapes) -> None:
+    """``s_emb`` and ``t_emb``: B×D embeddings of one shape."""
+    require_ndim('s_emb', shapes['s_emb'], 2, 'B×D embeddings')
+    require_ndim('t_emb', shapes['t_emb'], 2, 'B×D embeddings')
+    require_same_shape('s_emb', shapes['s_emb'], 't_emb', shapes['t_emb'],
+                       _connector_hint(shapes['t_emb'], 's_emb'))
+
+
 def _require_same_batch(name_a, shape_a, name_b, shape_b) -> None:
     if len(shape_a) and len(shape_b) and shape_a[0] != shape_b[0]:
         raise ValueError(
@@ -260,10 +268,7 @@ class EmbeddingL2Loss(BaseDistillLoss):
         self.reduction = reduction
 
     def check_shapes(self, shapes):
-        require_ndim('s_emb', shapes['s_emb'], 2, 'B×D embeddings')
-        require_ndim('t_emb', shapes['t_emb'], 2, 'B×D embeddings')
-        require_same_shape('s_emb', shapes['s_emb'], 't_emb', shapes['t_emb'],
-                           _connector_hint(shapes['t_emb'], 's_emb'))
+        _check_embedding_pair(shapes)
 
     def loss(self, s_emb: torch.Tensor,
              t_emb: torch.Tensor) -> torch.Tensor:
@@ -303,10 +308,7 @@ class CosineEmbeddingLoss(BaseDistillLoss):
     eps = 1e-8
 
     def check_shapes(self, shapes):
-        require_ndim('s_emb', shapes['s_emb'], 2, 'B×D embeddings')
-        require_ndim('t_emb', shapes['t_emb'], 2, 'B×D embeddings')
-        require_same_shape('s_emb', shapes['s_emb'], 't_emb', shapes['t_emb'],
-                           _connector_hint(shapes['t_emb'], 's_emb'))
+        _check_embedding_pair(shapes)
 
     def loss(self, s_emb: torch.Tensor,
              t_emb: torch.Tensor) -> torch.Tensor:

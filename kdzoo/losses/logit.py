@@ -36,10 +36,7 @@ class KDLoss(BaseDistillLoss):
         self.tau = check_number('KDLoss', 'tau', tau, 0, low_open=True)
 
     def check_shapes(self, shapes):
-        require_ndim('s_logits', shapes['s_logits'], 2, 'B×C logits')
-        require_same_shape('s_logits', shapes['s_logits'], 't_logits',
-                           shapes['t_logits'],
-                           'Student and teacher heads need the same classes.')
+        _check_logits_and_labels(shapes)
 
     def loss(self, s_logits: torch.Tensor,
              t_logits: torch.Tensor) -> torch.Tensor:
@@ -225,10 +222,7 @@ class DISTLoss(BaseDistillLoss):
         self.tau = check_number(name, 'tau', tau, 0, low_open=True)
 
     def check_shapes(self, shapes):
-        require_ndim('s_logits', shapes['s_logits'], 2, 'B×C logits')
-        require_same_shape('s_logits', shapes['s_logits'], 't_logits',
-                           shapes['t_logits'],
-                           'Student and teacher heads need the same classes.')
+        _check_logits_and_labels(shapes)
 
     def loss(self, s_logits: torch.Tensor,
              t_logits: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,16 @@ def _arc_target(cos_y: torch.Tensor, m) -> torch.Tensor:
     return torch.cos(theta + m)
 
 
+def _margin_cross_entropy(cos: torch.Tensor, labels: torch.Tensor, s: float,
+                          target_of) -> torch.Tensor:
+    """Cross-entropy over ``s * cos`` with each sample's target cosine
+    replaced by ``target_of(cos_y)`` (the margin)."""
+    cos_y = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
+    logits = s * cos.scatter(1, labels.unsqueeze(1),
+                             target_of(cos_y).unsqueeze(1))
+    return F.cross_entropy(logits, labels)
+
+
 def _check_emb_shapes(owner: str, shapes, dim: int, dim_hint: str) -> None:
     """Shared ``check_shapes`` for ``(s_emb, t_emb, labels)`` losses."""
     s_shape, t_shape = shapes['s_emb'], shapes['t_emb']
@@ -258,20 +268,15 @@ class MarginDistillationLoss(BaseDistillLoss):
     def loss(self, s_emb: torch.Tensor, t_emb: torch.Tensor,
              labels: torch.Tensor) -> torch.Tensor:
         labels = check_class_labels(type(self).__name__, labels,
-                                    self.num_classes,
-                                    s_emb.shape[0]).to(s_emb.device)
+                                    self.num_classes, len(s_emb))
         if s_emb.shape[0] == 0:
             return s_emb.float().sum() * 0.0
-        dtype = _compute_dtype(s_emb)
+        labels, dtype = labels.to(s_emb.device), _compute_dtype(s_emb)
         m = self.margins(t_emb, labels).to(dtype)
         s_n = F.normalize(s_emb.to(dtype), dim=1)
         cos = s_n.matmul(self.centers.to(dtype).t())
-        cos_y = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
-        target = _arc_target(cos_y, m)
-        logits = self.s * cos.scatter(1, labels.unsqueeze(1),
-                                      target.unsqueeze(1))
-        loss = F.cross_entropy(logits, labels)
-        return loss
+        return _margin_cross_entropy(cos, labels, self.s,
+                                     lambda cos_y: _arc_target(cos_y, m))
 
     def extra_repr(self):
         return (f'num_classes={self.num_classes}, '
@@ -459,15 +464,11 @@ class AdaDistillLoss(BaseDistillLoss):
             self._last_alpha = alphas.mean().detach()
         centers_n = F.normalize(self.centers.to(dtype), dim=1)
         cos = s_n.matmul(centers_n.t())
-        cos_y = cos.gather(1, labels.unsqueeze(1)).squeeze(1)
         if self.margin == 'arcface':
-            target = _arc_target(cos_y, self.m)
-        else:
-            target = cos_y - self.m
-        logits = self.s * cos.scatter(1, labels.unsqueeze(1),
-                                      target.unsqueeze(1))
-        loss = F.cross_entropy(logits, labels)
-        return loss
+            return _margin_cross_entropy(
+                cos, labels, self.s, lambda cos_y: _arc_target(cos_y, self.m))
+        return _margin_cross_entropy(cos, labels, self.s,
+                                     lambda cos_y: cos_y - self.m)
 
     def extra_repr(self):
         return (f'num_classes={self.num_classes}, '
