@@ -24,7 +24,7 @@ def _parse_cfg_options(pairs, option: str = '--cfg-options'):
 
 def cmd_train(args):
     from kdzoo.engine import load_recipe, train_recipe
-    from kdzoo.evaluation.report import print_metrics
+    from kdzoo.commands.report import print_metrics
     cfg = load_recipe(args.recipe, _parse_cfg_options(args.cfg_options),
                       args.work_dir)
     cfg.launcher = args.launcher
@@ -35,7 +35,7 @@ def cmd_train(args):
 
 def cmd_test(args):
     from kdzoo.engine import load_recipe, test_recipe
-    from kdzoo.evaluation.report import print_metrics
+    from kdzoo.commands.report import print_metrics
     cfg = load_recipe(args.recipe, _parse_cfg_options(args.cfg_options),
                       args.work_dir)
     record = test_recipe(cfg, checkpoint=args.checkpoint)
@@ -44,13 +44,13 @@ def cmd_test(args):
 
 
 def cmd_evaluate(args):
-    from kdzoo.evaluation.pretrained import evaluate_pretrained
+    from kdzoo.commands.evaluate import evaluate_pretrained
     from kdzoo.utils import ConfigError, atomic_write_json
     if not args.bin and not args.ijb:
         raise ConfigError('evaluate needs --bin FILE (InsightFace .bin set, '
                           'repeatable) and/or --ijb ROOT (IJB-B/C folder '
                           'with meta/ and loose_crop/)')
-    from kdzoo.evaluation.pretrained import build_pretrained
+    from kdzoo.commands.evaluate import build_pretrained
     from kdzoo.utils import json_option
     network = build_pretrained(args.model,
                                json_option('--backbone', args.backbone))
@@ -72,7 +72,7 @@ def cmd_evaluate(args):
 
 
 def cmd_export(args):
-    from kdzoo.engine.export import export_student
+    from kdzoo.commands.export import export_student
     result = export_student(args.run_dir, args.format, out=args.out,
                             checkpoint=args.checkpoint, opset=args.opset)
     check = result.get('onnxruntime_check')
@@ -89,7 +89,7 @@ def cmd_export(args):
 
 
 def cmd_compare(args):
-    from kdzoo.engine.suite import run_suite
+    from kdzoo.commands.compare import run_suite
     run_suite(args.suite, work_dir=args.work_dir, force=args.force,
               cfg_options=_parse_cfg_options(args.cfg_options),
               seeds=args.seeds, jobs=args.jobs, threads=args.threads,
@@ -164,7 +164,7 @@ def cmd_pack(args):
 
 
 def cmd_bench(args):
-    from kdzoo.engine.bench import run_cli
+    from kdzoo.commands.bench import run_cli
     run_cli(args)
 
 
@@ -192,7 +192,7 @@ def cmd_list(args):
         print(json.dumps(table, indent=2))
         return
     from rich.table import Table
-    from kdzoo.evaluation.report import console as rich_console
+    from kdzoo.utils.console import console as rich_console
     console = rich_console()
     for kind, entries in table.items():
         t = Table(title=f'{kind} ({len(entries)})', title_justify='left',
@@ -371,7 +371,7 @@ def build_parser():
     p = sub.add_parser('bench', help='training speed: student alone, with '
                        'one/two online teachers, two cached teachers, and a '
                        'plain PyTorch loop (images/s, ms/step, memory)')
-    from kdzoo.engine.bench import add_bench_arguments
+    from kdzoo.commands.bench import add_bench_arguments
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
     return parser

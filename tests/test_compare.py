@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 import kdzoo  # noqa: F401
-import kdzoo.engine.suite as suite_mod
-import kdzoo.engine.suite_jobs as jobs_mod
+import kdzoo.commands.compare as suite_mod
+import kdzoo.commands.compare_jobs as jobs_mod
 from kdzoo.cli import main
 from kdzoo.evaluation.plots import write_comparison_plot
-from kdzoo.evaluation.report import aggregate, comparison_markdown
+from kdzoo.commands.report import aggregate, comparison_markdown
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 RECIPES = os.path.join(ROOT, 'recipes')
@@ -351,7 +351,7 @@ def _bootstrap_record(tmp_path, name, seed, value, reps):
 
 
 def test_paired_differences_and_intervals(tmp_path):
-    from kdzoo.evaluation.report import aggregate
+    from kdzoo.commands.report import aggregate
     from kdzoo.evaluation.significance import add_intervals
     rng = np.random.default_rng(0)
     noise = rng.normal(0, 0.02, size=(3, 1000))  # shared test-set draws

@@ -1,5 +1,5 @@
 """``kdzoo compare --jobs N``: independent runs in N worker processes
-(kdzoo/engine/suite_jobs.py) give the table of a sequential run with the
+(kdzoo/commands/compare_jobs.py) give the table of a sequential run with the
 same thread count, start a run only after the runs it reads, and report a
 failed run in one line."""
 import filecmp
@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from kdzoo.cli import main
-from kdzoo.engine.suite_jobs import check_jobs
+from kdzoo.commands.compare_jobs import check_jobs
 from kdzoo.utils import ConfigError
 from tiny_runs import as_cli, tiny_options
 

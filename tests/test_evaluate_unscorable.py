@@ -29,7 +29,7 @@ TINY_BACKBONE = dict(type='IResNet', width_mult=0.25, layers=(1, 1, 1, 1),
 
 
 def evaluate_refuses(tmp_path, capsys, monkeypatch, bin_path, counts):
-    import kdzoo.evaluation.pretrained as pretrained
+    import kdzoo.commands.evaluate as pretrained
 
     def no_embedding(*args, **kwargs):
         raise AssertionError('embedded a set that cannot be scored')
@@ -69,7 +69,7 @@ def test_evaluate_checks_every_file_before_embedding_any(
     write_bin([(jpeg(1), jpeg(2)), (jpeg(3), jpeg(3))], [0, 1], good)
     bad = str(tmp_path / 'diff_only.bin')
     write_bin([(jpeg(1), jpeg(2))] * 2, [0, 0], bad)
-    import kdzoo.evaluation.pretrained as pretrained
+    import kdzoo.commands.evaluate as pretrained
 
     def no_embedding(*args, **kwargs):
         raise AssertionError('embedded before checking every file')

@@ -217,7 +217,7 @@ def test_onnx_matches_pytorch_at_several_batch_sizes(run, tmp_path, capsys):
 
 def test_onnx_mismatch_fails_and_writes_nothing(run, tmp_path, capsys,
                                                 monkeypatch):
-    from kdzoo.engine import export
+    from kdzoo.commands import export
     real = export._onnx_bytes
 
     def perturbed(backbone, input_size, opset):  # a graph of other weights

@@ -9,7 +9,7 @@ import torch
 
 import kdzoo  # noqa: F401
 from kdzoo.engine.runner import load_recipe
-from kdzoo.engine.suite import _resolve_recipe, _substitute, load_suite
+from kdzoo.commands.compare import _resolve_recipe, _substitute, load_suite
 from kdzoo.engine.validate import validate_config
 from kdzoo.registry import BACKBONES, HEADS
 from conftest import shared_path

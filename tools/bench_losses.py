@@ -135,7 +135,7 @@ def main(argv=None):
                       file=sys.stderr)
 
     from rich.table import Table
-    from kdzoo.evaluation.report import console
+    from kdzoo.utils.console import console
     table = Table(title=f'forward+backward, B={args.batch}, D={args.dim}, '
                   f'C={NUM_CLASSES}, maps {FEAT_SHAPE}')
     for col in ('loss', 'device', 'median ms', 'min ms'):

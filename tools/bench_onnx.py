@@ -91,7 +91,7 @@ def main(argv=None):
 
     from kdzoo.backbones.onnx_backbone import onnxruntime_session
     from kdzoo.datasets import InsightFaceBinDataset
-    from kdzoo.evaluation.pretrained import build_pretrained, embed_dataset
+    from kdzoo.commands.evaluate import build_pretrained, embed_dataset
     from kdzoo.registry import BACKBONES, TEACHERS
     from kdzoo.teachers.cache import build_teacher_cache
     from kdzoo.utils.environment import cpu_capability, cpu_description

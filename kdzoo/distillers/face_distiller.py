@@ -10,7 +10,6 @@ from torch import nn
 from kdzoo.registry import (BACKBONES, CONNECTORS, HEADS, LOSSES, MODELS,
                             TEACHERS)
 from kdzoo.utils import ConfigError, did_you_mean
-from kdzoo.engine.numerics import NonFiniteLossCheckMixin
 from kdzoo.losses.base import loss_signature
 from .inference import InferenceBackbone
 from .taps import Tap, TapRecorder, parse_tap, resolve_module_path
@@ -43,7 +42,7 @@ class _Binding:
 
 
 @MODELS.register_module()
-class FaceDistiller(NonFiniteLossCheckMixin, BaseModel):
+class FaceDistiller(BaseModel):
     """Face-recognition distiller: trains a student from frozen teachers.
 
     Args:

@@ -441,7 +441,7 @@ def embed_ijb_images(embed, root: str, meta: IJBMeta, flip: bool = True,
     CPU tensors unless ``device`` is given. ``flip`` adds the embedding of
     the mirrored image.
     """
-    from .pretrained import _progress
+    from kdzoo.utils.console import ProgressBar
     if isinstance(embed, torch.nn.Module):
         device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
         embed = embed.to(device).eval()
@@ -453,7 +453,7 @@ def embed_ijb_images(embed, root: str, meta: IJBMeta, flip: bool = True,
     loader = torch.utils.data.DataLoader(
         _AlignedFaces(image_dir, meta), batch_size=batch_size,
         shuffle=False, num_workers=num_workers)
-    bar = _progress(progress, len(loader))
+    bar = ProgressBar(progress, len(loader))
     feats = []
     for batch in loader:
         x = (batch.to(device).permute(0, 3, 1, 2).float() - mean) / std
@@ -539,7 +539,7 @@ def _save_npz(path: str, **arrays) -> None:
 
 def _print(target: str, entry: dict) -> None:
     from rich.table import Table
-    from .report import console
+    from kdzoo.utils.console import console
     s = entry['settings']
     mode = ', '.join([('flip-sum' if s['flip'] else 'no flip'),
                       ('faceness-weighted' if s['use_detector_score'] else

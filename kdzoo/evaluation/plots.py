@@ -55,7 +55,7 @@ def _bar_far(entries: Sequence[dict], proto: str, far: float) -> float:
 def plot_comparison(entries: Sequence[dict], title: str = 'comparison',
                     protocol: Optional[str] = None, far: float = 1e-3):
     """A two-panel matplotlib ``Figure`` of aggregated suite entries
-    (:func:`kdzoo.evaluation.report.aggregate`)."""
+    (:func:`kdzoo.commands.report.aggregate`)."""
     from matplotlib.figure import Figure
     proto = protocol or pick_protocol(entries)
     many = len(entries) > _SIDE_BY_SIDE_MAX

@@ -56,7 +56,7 @@ from typing import Dict, List, Optional
 from mmengine.config import Config
 
 from kdzoo.utils import ConfigError, atomic_write_json, atomic_write_text
-from .runner import (EVAL_VERSION, bootstrap_file, config_hash, load_recipe,
+from kdzoo.engine.runner import (EVAL_VERSION, bootstrap_file, config_hash, load_recipe,
                      test_recipe)
 
 _PLACEHOLDER = re.compile(r'\{([A-Za-z_][A-Za-z0-9_]*)\}')
@@ -134,20 +134,20 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     """Train what is missing, test everything, write and print the table.
 
     ``jobs`` > 1 trains independent runs in that many processes at once
-    (:mod:`kdzoo.engine.suite_jobs`), each with ``threads`` torch threads
+    (:mod:`kdzoo.commands.compare_jobs`), each with ``threads`` torch threads
     (default: this process's threads divided by ``jobs``); ``threads`` with
     ``jobs=1`` sets the thread count of the sequential runs.
     ``executor='submitit'`` submits each run as a submitit job (Slurm)
     with ``executor_options``. Returns every run's record (one per run and
     seed, in suite order).
     """
-    from kdzoo.evaluation.report import (aggregate, comparison_markdown,
+    from kdzoo.commands.report import (aggregate, comparison_markdown,
                                          default_columns,
                                          default_compare_keys,
                                          print_comparison,
                                          reproduction_context)
     from kdzoo.evaluation.significance import METHOD_NOTE, add_intervals
-    from .suite_jobs import check_jobs, run_tasks
+    from .compare_jobs import check_jobs, run_tasks
     suite = load_suite(path)
     baseline, reference = _comparison_runs(suite, path)  # before training
     num_seeds = _num_seeds(seeds if seeds is not None else

@@ -42,7 +42,7 @@ process's peak resident set size (``VmHWM``, reset per setting through
 ``/proc/self/clear_refs``, else ``resource.getrusage`` ``ru_maxrss``, the
 peak since the process started; loader workers are not included).
 
-Expected slowdown from FLOPs (``kdzoo.engine.flops``, backbones only):
+Expected slowdown from FLOPs (``kdzoo.commands.flops``, backbones only):
 training the student costs about 3 forward passes (forward + backward),
 a frozen online teacher one forward, so ``(3·S + ΣT) / (3·S)``.
 """
@@ -71,7 +71,7 @@ from kdzoo.utils import (ConfigError, KdzooError, atomic_torch_save,
 from kdzoo.utils.environment import (cpu_capability, cpu_description,
                                      software_versions)
 from .flops import count_forward_flops
-from .validate import check_registered_config
+from kdzoo.engine.validate import check_registered_config
 
 __all__ = ['SETTINGS', 'PRESETS', 'BenchConfig', 'make_config',
            'BenchSession', 'PlainLoop', 'cosface_loss', 'run_bench',
@@ -654,7 +654,7 @@ class BenchSession:
         """``(model, optim_wrapper, cache_build_s)`` for a kdzoo setting,
         student seeded as every other setting; the cache (if any) built on
         ``mode``'s dataset at the batch size."""
-        from .optimizer import TrainableOptimWrapperConstructor
+        from kdzoo.engine.optimizer import TrainableOptimWrapperConstructor
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model = MODELS.build(self.distiller_config(setting)).to(self.device)
@@ -677,7 +677,7 @@ class BenchSession:
     def _build_cache(self, model, mode: str) -> float:
         """Embed ``mode``'s dataset with the cached teachers, exactly as a
         kdzoo run does before training (``TeacherCacheHook``)."""
-        from .teacher_cache_hook import TeacherCacheHook
+        from kdzoo.engine.teacher_cache_hook import TeacherCacheHook
         dataset = self.data(mode)[0]
         runner = types.SimpleNamespace(
             model=model, train_dataloader=types.SimpleNamespace(
@@ -891,7 +891,7 @@ def _gflops(n: int) -> str:
 def print_report(record: dict) -> None:
     """The results table, the issue's targets and the FLOP expectation."""
     from rich.table import Table
-    from kdzoo.evaluation.report import console as rich_console
+    from kdzoo.utils.console import console as rich_console
     console = rich_console()
     cfg = record['config']
     extras = [name for name, on in (('channels_last', cfg['channels_last']),

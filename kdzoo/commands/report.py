@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from kdzoo.utils.console import console
+
 Column = Tuple[str, str]  # (title, metric key)
 
 _RANK1 = re.compile(r'^(?P<proto>[^/]+)/rank1@(?P<k>\d+)$')
@@ -306,7 +308,7 @@ def _against(entries) -> List[str]:
 def differences_markdown(entries: Sequence[dict], keys: Sequence[str]
                          ) -> List[str]:
     """Markdown lines of the paired differences (empty without any)."""
-    from .significance import METHOD_NOTE
+    from kdzoo.evaluation.significance import METHOD_NOTE
     against = _against(entries)
     rows = list(_diff_rows(entries, keys, against))
     if not rows:
@@ -340,13 +342,6 @@ def comparison_markdown(records: Sequence[dict],
     return '\n'.join(lines) + '\n'
 
 
-def console():
-    """A rich console; wide when writing to a file or a CI log."""
-    from rich.console import Console
-    console = Console()
-    return console if console.is_terminal else Console(width=200)
-
-
 def print_comparison(records: Sequence[dict],
                      columns: Optional[Sequence[Column]] = None,
                      title: str = 'comparison',
@@ -354,7 +349,7 @@ def print_comparison(records: Sequence[dict],
                      compare_keys: Optional[Sequence[str]] = None) -> None:
     from rich.table import Table
 
-    from .significance import METHOD_NOTE
+    from kdzoo.evaluation.significance import METHOD_NOTE
     entries = _entries(records)
     columns = list(columns or default_columns(entries))
     table = Table(title=title)

@@ -38,8 +38,8 @@ from kdzoo.utils import (CheckpointError, ConfigError, KdzooError,
                          load_weights_file)
 from kdzoo.utils.checkpoint import select_prefix
 from kdzoo.version import __version__
-from .checkpoint import find_resume_checkpoint, runner_checkpoint_policy
-from .validate import import_custom_modules
+from kdzoo.engine.checkpoint import find_resume_checkpoint, runner_checkpoint_policy
+from kdzoo.engine.validate import import_custom_modules
 
 FORMATS = ('pth', 'onnx')
 DEFAULT_OPSET = 17

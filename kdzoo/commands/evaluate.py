@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdzoo.utils import ConfigError, atomic_write_json, load_module_weights
+from kdzoo.utils.console import ProgressBar
 
 
 def build_pretrained(model: str, backbone_cfg: Optional[dict] = None):
@@ -38,7 +39,7 @@ def embed_dataset(network, dataset, flip: bool = True, batch_size: int = 128,
                         collate_fn=default_collate,
                         num_workers=0)  # decoding is cheap; avoid contention
     outputs = []
-    bar = _progress(progress, len(loader))
+    bar = ProgressBar(progress, len(loader))
     for batch in loader:
         x = (batch['inputs'].to(device).float() - mean) / std
         if next(network.parameters(), None) is not None:  # a torch net
@@ -52,25 +53,6 @@ def embed_dataset(network, dataset, flip: bool = True, batch_size: int = 128,
         bar.advance()
     bar.stop()
     return outputs
-
-
-class _progress:
-    """A rich progress bar on terminals, silent elsewhere."""
-
-    def __init__(self, description, total):
-        from rich.console import Console
-        from rich.progress import Progress
-        console = Console(stderr=True)
-        self.bar = Progress(console=console,
-                            disable=not (description and console.is_terminal))
-        self.task = self.bar.add_task(description or '', total=total)
-        self.bar.start()
-
-    def advance(self):
-        self.bar.update(self.task, advance=1)
-
-    def stop(self):
-        self.bar.stop()
 
 
 def evaluate_pretrained(model: str, bins: Sequence[str],
@@ -91,7 +73,7 @@ def evaluate_pretrained(model: str, bins: Sequence[str],
     its distinct images and the intervals resample identities.
     """
     from kdzoo.datasets import InsightFaceBinDataset
-    from .metrics import FaceVerificationMetric
+    from kdzoo.evaluation.metrics import FaceVerificationMetric
     if network is None:
         network = build_pretrained(model, backbone_cfg)
     # Every file is read and checked before any embedding: a set that
@@ -159,5 +141,5 @@ def _print(results, model, flip):
         table.caption = ('95 % CI: percentile bootstrap over ' + ' / '.join(
             sorted(f'{u}s' for u in units if u)) + ' (identities where a '
             'labels sidecar gives them)')
-    from .report import console
+    from kdzoo.utils.console import console
     console().print(table)

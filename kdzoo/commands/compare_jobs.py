@@ -13,7 +13,7 @@ sequential run's when the thread count is the same:
 intervals. The thread count is not part of the run hash: a finished run is
 reused whichever count trained it.
 
-A worker is ``python -m kdzoo.engine.suite_jobs TASK.pkl``: it loads the
+A worker is ``python -m kdzoo.commands.compare_jobs TASK.pkl``: it loads the
 recipe with the run's planned options (its run hash is the plan's), trains
 or tests it, writes ``results.json`` and exits; its console output goes to
 ``<run dir>/compare_job.log``. When a run fails, no further run starts, the
@@ -34,7 +34,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from kdzoo.utils import ConfigError, KdzooError, atomic_write_json
-from .runner import test_recipe, train_recipe
+from kdzoo.engine.runner import test_recipe, train_recipe
 
 __all__ = ['check_jobs', 'run_tasks', 'run_task']
 
@@ -123,7 +123,7 @@ class _LocalProcess:
                    MKL_NUM_THREADS=str(threads))
         with open(os.path.join(task['run_dir'], LOG_FILE), 'w') as log:
             self.proc = subprocess.Popen(
-                [sys.executable, '-m', 'kdzoo.engine.suite_jobs', path],
+                [sys.executable, '-m', 'kdzoo.commands.compare_jobs', path],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def poll(self) -> Optional[int]:
@@ -211,7 +211,7 @@ def _run_parallel(tasks: List[dict], jobs: int, threads: int,
             del running[handle]
             log = os.path.join(task['run_dir'], LOG_FILE)
             if code == 0:
-                from .suite import _finished
+                from .compare import _finished
                 task['record'] = _finished(task['run_dir'], task['run_hash'])
                 if task['record'] is not None:
                     done.add(task['key'])
@@ -236,7 +236,7 @@ def _worker(task_file: str) -> int:
         task = pickle.load(f)
     torch.set_num_threads(task['threads'])
     import kdzoo  # noqa: F401  (registers everything)
-    from .runner import load_recipe
+    from kdzoo.engine.runner import load_recipe
     try:
         cfg = load_recipe(task['recipe'], task['options'], task['run_dir'])
         cfg.experiment_name = task['name']
