@@ -162,11 +162,11 @@ def test_cached_teachers_serve_the_online_teachers_embeddings():
         for name in ('teacher_1', 'teacher_2'):
             with torch.no_grad():
                 expected = online.teachers[name](data['inputs'])
-            served = cached._teacher_embedding(
+            served = cached.teacher_outputs.embedding(
                 name, data['inputs'], data['data_samples'], use_cache=True)
             assert torch.equal(served, expected)  # exact
             # the mirror rows are other embeddings: flips are looked up
-            mirrored = cached._teacher_embedding(
+            mirrored = cached.teacher_outputs.embedding(
                 name, data['inputs'], dict(data['data_samples'],
                                            flip=1 - data['data_samples'][
                                                'flip']), use_cache=True)

@@ -253,8 +253,8 @@ def test_cached_embeddings_equal_the_online_teacher(tmp_path, cache_dir):
         flips.update(samples['flip'].tolist())
         with torch.no_grad():
             online = teacher(data['inputs'])
-        served = model._teacher_embedding('teacher_fr', data['inputs'],
-                                          samples, use_cache=True)
+        served = model.teacher_outputs.embedding(
+            'teacher_fr', data['inputs'], samples, use_cache=True)
         assert torch.equal(served, online)  # exact, not approximately
     assert flips == {0, 1}
     # a second run finds the same file instead of rebuilding it

@@ -11,6 +11,7 @@ from kdzoo.registry import (BACKBONES, CONNECTORS, HEADS, LOSSES, MODELS,
                             TEACHERS)
 from kdzoo.utils import ConfigError, did_you_mean
 from kdzoo.losses.base import loss_signature
+from kdzoo.teachers.provider import TeacherOutputs
 from .inference import InferenceBackbone
 from .taps import Tap, TapRecorder, parse_tap, resolve_module_path
 
@@ -133,8 +134,10 @@ class FaceDistiller(BaseModel):
 
         self.recorder = TapRecorder()
         self._register_taps()
-        self.teacher_cache_cfg = self._check_teacher_cache(teacher_cache)
-        self._teacher_caches: Dict[str, object] = {}
+        self.teacher_outputs = TeacherOutputs(
+            self.teachers, teacher_cache, self._used_teachers,
+            [(name, b.arg, b.tap) for name, bindings in self._bindings.items()
+             for b in bindings if b.tap.is_module])
         self.input_size = tuple(input_size or getattr(
             self.student.backbone, 'input_size', (112, 112)))
         self._check_shapes()
@@ -276,74 +279,15 @@ class FaceDistiller(BaseModel):
                 self.recorder.add(tap.text, module, tap.record_input)
                 self._module_taps[tap.text] = path
 
-    def _check_teacher_cache(self, cfg: Optional[dict]) -> Optional[dict]:
-        if not cfg:
-            return None
-        where = 'model.teacher_cache'
-        if not isinstance(cfg, dict):
-            raise ConfigError(f'{where} must be dict(teachers=[...], '
-                              "cache_dir=None, dtype='float32')")
-        unknown = set(cfg) - {'teachers', 'cache_dir', 'dtype'}
-        if unknown:
-            raise ConfigError(f'{where}: unknown keys {sorted(unknown)}; '
-                              'accepted: teachers, cache_dir, dtype')
-        names = cfg.get('teachers')
-        if names == 'all':
-            names = list(self._used_teachers)
-        if isinstance(names, str) or not names:
-            raise ConfigError(f"{where}.teachers must be a list of teacher "
-                              f"names or 'all'; teachers: "
-                              f'{list(self.teachers)}')
-        for name in names:
-            if name not in self.teachers:
-                raise ConfigError(f'{where}.teachers: {name!r} is not a '
-                                  f'teacher; teachers: {list(self.teachers)}'
-                                  + did_you_mean(str(name), self.teachers))
-            for loss_name, bindings in self._bindings.items():
-                for b in bindings:
-                    if b.tap.source == name and b.tap.is_module:
-                        raise ConfigError(
-                            f'{where}.teachers: {name!r} cannot be cached: '
-                            f'model.distill_losses.{loss_name}.inputs.'
-                            f'{b.arg} taps {b.tap.text!r}, a feature map the '
-                            'cache does not hold (it stores embeddings). '
-                            f'Remove {name!r} from the cached teachers')
-        dtype = cfg.get('dtype', 'float32')
-        if dtype not in ('float32', 'float16'):
-            raise ConfigError(f"{where}.dtype must be 'float32' or "
-                              f"'float16', got {dtype!r}")
-        return dict(teachers=list(names), cache_dir=cfg.get('cache_dir'),
-                    dtype=dtype)
+    @property
+    def teacher_cache_cfg(self) -> Optional[dict]:
+        """The checked ``model.teacher_cache`` (``None``: all online)."""
+        return self.teacher_outputs.cfg
 
     def set_teacher_cache(self, name: str, cache) -> None:
         """Serve teacher ``name``'s embeddings from ``cache`` (a
         ``TeacherOutputCache`` over the training set) from now on."""
-        if not self.teacher_cache_cfg or \
-                name not in self.teacher_cache_cfg['teachers']:
-            raise ConfigError(f'teacher {name!r} is not in '
-                              'model.teacher_cache.teachers')
-        self._teacher_caches[name] = cache
-
-    def _teacher_embedding(self, name: str, inputs: torch.Tensor,
-                           data: dict, use_cache: bool) -> torch.Tensor:
-        teacher = self.teachers[name]
-        cached = (self.teacher_cache_cfg is not None and use_cache
-                  and name in self.teacher_cache_cfg['teachers'])
-        if not cached:
-            return teacher(inputs)
-        cache = self._teacher_caches.get(name)
-        if cache is None:
-            raise ConfigError(
-                f'model.teacher_cache lists {name!r} but its cache was not '
-                'prepared: train through `kdzoo train` (which adds '
-                "TeacherCacheHook) or add custom_hooks=[dict(type="
-                "'TeacherCacheHook')]")
-        if 'flip' not in data or 'index' not in data:
-            raise ConfigError(
-                'a cached teacher needs data_samples with index and flip: '
-                'end the training pipeline with PackFaceInputs')
-        return cache.lookup(data['index'], data['flip'],
-                            device=inputs.device, dtype=inputs.dtype)
+        self.teacher_outputs.set_cache(name, cache)
 
     @property
     def _used_teachers(self):
@@ -352,89 +296,99 @@ class FaceDistiller(BaseModel):
                        for b in bs)]
 
     def _check_shapes(self) -> None:
-        """One forward on zeros to resolve every tap's shape, then validate."""
+        """Build time: one forward pass on zeros (teachers run online) sizes
+        the connectors from the tensors they receive and gives every loss
+        its bound shapes to check; nothing of it stays for training."""
         if not self._bindings:
             return
         was_training = self.training
         self.eval()
         try:
-            with torch.no_grad():
-                probe = torch.zeros(2, 3, *self.input_size)
-                data = dict(label=torch.zeros(2, dtype=torch.long),
-                            age=torch.zeros(2, dtype=torch.long),
-                            index=torch.arange(2))
-                values = self._collect(probe, data, build=True)
-                for name, bindings in self._bindings.items():
-                    shapes = {b.arg: values[b.key].shape for b in bindings}
-                    check = getattr(self.distill_losses[name], 'check_shapes',
-                                    None)
-                    try:
-                        if check is not None:
-                            check(shapes)
-                        # checked once here, not at every step
-                        self.distill_losses[name].inputs_checked = True
-                    except (ValueError, KeyError) as e:
-                        bound = ', '.join(f'{b.arg} <- {b.describe()}'
-                                          for b in bindings)
-                        raise ConfigError(
-                            f'model.distill_losses.{name} '
-                            f'({type(self.distill_losses[name]).__name__}): '
-                            f'{e} [bound: {bound}]') from None
+            probe = torch.zeros(2, 3, *self.input_size)
+            data = dict(label=torch.zeros(2, dtype=torch.long),
+                        age=torch.zeros(2, dtype=torch.long),
+                        index=torch.arange(2))
+            with torch.no_grad(), self.recorder.recording():
+                s_emb = self.student.backbone(probe)
+                outputs = self._model_outputs(probe, data, s_emb,
+                                              use_cache=False)
+                self._size_connectors(outputs, data, s_emb)
+                values = self._bound_values(outputs, data, s_emb)
+            for name, bindings in self._bindings.items():
+                loss = self.distill_losses[name]
+                shapes = {b.arg: values[b.key].shape for b in bindings}
+                check = getattr(loss, 'check_shapes', None)
+                try:
+                    if check is not None:
+                        check(shapes)
+                except (ValueError, KeyError) as e:
+                    bound = ', '.join(f'{b.arg} <- {b.describe()}'
+                                      for b in bindings)
+                    raise ConfigError(
+                        f'model.distill_losses.{name} '
+                        f'({type(loss).__name__}): {e} [bound: {bound}]'
+                    ) from None
+                # checked once here, not at every step
+                loss.inputs_checked = True
         finally:
-            self.recorder.active = False
             self.recorder.clear()
             self.train(was_training)
 
-    # ----------------------------------------------------------- forward
-    def _collect(self, inputs: torch.Tensor, data: dict,
-                 build: bool = False,
-                 s_emb: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Run the models the losses need and return every bound tensor."""
-        self.recorder.active = True
-        values: Dict[str, torch.Tensor] = {}
-        if s_emb is None:
-            s_emb = self.student.backbone(inputs)
-        outputs = {'student.embedding': s_emb}
-        for name in self._used_teachers:
-            teacher = self.teachers[name]
-            with torch.no_grad():
-                t_emb = self._teacher_embedding(name, inputs, data,
-                                                use_cache=not build)
-                outputs[f'{name}.embedding'] = t_emb
-                if teacher.head is not None:
-                    outputs[f'{name}.logits'] = teacher.logits(t_emb)
+    def _size_connectors(self, outputs: dict, data: dict,
+                         s_emb: torch.Tensor) -> None:
+        """Give each connector the shape of the tensor it will receive."""
         for bindings in self._bindings.values():
             for b in bindings:
-                if b.key in values:
+                if b.connector is None:
                     continue
-                tap = b.tap
-                if tap.source == 'data':
-                    value = data[tap.target]
-                elif tap.target == 'logits' and tap.source == 'student':
-                    value = outputs.get('student.logits')
-                    if value is None:
-                        value = outputs['student.logits'] = \
-                            self.student.head(s_emb)
-                elif tap.target in ('embedding', 'logits'):
-                    value = outputs[f'{tap.source}.{tap.target}']
-                else:
-                    value = self.recorder.get(tap.text)
-                    if value is None:
-                        raise RuntimeError(
-                            f'tap {tap.text!r} recorded nothing: module '
-                            f'{self._module_taps[tap.text]!r} did not run in '
-                            "the forward pass")
-                if b.connector is not None:
-                    connector = self.connectors[b.connector]
-                    if build:
-                        try:
-                            connector.build_for(value.shape)
-                        except ValueError as e:
-                            raise ConfigError(
-                                f'model.connectors.{b.connector} on '
-                                f'{tap.text!r}: {e}') from None
-                    value = connector(value)
-                values[b.key] = value
+                value = self._tap_value(b.tap, outputs, data, s_emb)
+                try:
+                    self.connectors[b.connector].build_for(value.shape)
+                except ValueError as e:
+                    raise ConfigError(f'model.connectors.{b.connector} on '
+                                      f'{b.tap.text!r}: {e}') from None
+
+    # ----------------------------------------------------------- forward
+    def _model_outputs(self, inputs: torch.Tensor, data: dict,
+                       s_emb: torch.Tensor,
+                       use_cache: bool = True) -> Dict[str, torch.Tensor]:
+        """The teacher pass: every used teacher's embedding (and logits),
+        online or from the cache, beside the student's embedding."""
+        outputs = self.teacher_outputs.outputs(self._used_teachers, inputs,
+                                               data, use_cache)
+        outputs['student.embedding'] = s_emb
+        return outputs
+
+    def _tap_value(self, tap: Tap, outputs: dict, data: dict,
+                   s_emb: torch.Tensor) -> torch.Tensor:
+        """The tensor a tap names, before any connector."""
+        if tap.source == 'data':
+            return data[tap.target]
+        if tap.target == 'logits' and tap.source == 'student':
+            if 'student.logits' not in outputs:
+                outputs['student.logits'] = self.student.head(s_emb)
+            return outputs['student.logits']
+        if tap.target in ('embedding', 'logits'):
+            return outputs[f'{tap.source}.{tap.target}']
+        value = self.recorder.get(tap.text)
+        if value is None:
+            raise RuntimeError(
+                f'tap {tap.text!r} recorded nothing: module '
+                f'{self._module_taps[tap.text]!r} did not run in the forward '
+                'pass')
+        return value
+
+    def _bound_values(self, outputs: dict, data: dict,
+                      s_emb: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Every bound tensor, through its connector where it has one."""
+        values: Dict[str, torch.Tensor] = {}
+        for bindings in self._bindings.values():
+            for b in bindings:
+                if b.key not in values:
+                    value = self._tap_value(b.tap, outputs, data, s_emb)
+                    if b.connector is not None:
+                        value = self.connectors[b.connector](value)
+                    values[b.key] = value
         return values
 
     def forward(self, inputs: torch.Tensor, data_samples=None,
@@ -448,31 +402,33 @@ class FaceDistiller(BaseModel):
         raise ValueError(f'FaceDistiller: unknown mode {mode!r}')
 
     def loss(self, inputs: torch.Tensor, data_samples: dict) -> dict:
+        """Three steps: the student pass (its identity loss), the teacher
+        pass (teacher outputs, tapped maps, connectors), the distillation
+        losses on the bound tensors."""
         if self.student.head is None and not self._bindings:
             raise ConfigError('nothing to train: the student has no head and '
                               'there are no distill_losses')
-        labels = data_samples['label']
         losses = OrderedDict()
-        self.recorder.active = bool(self._bindings)
         try:
-            s_emb = self.student.backbone(inputs)
-            if self.student.head is not None:
-                for key, value in self.student.head.loss(s_emb, labels).items():
-                    losses[key] = value * self.cls_loss_weight
-            if self._bindings:
-                values = self._collect(inputs, data_samples, s_emb=s_emb)
-                # every bound value is collected: pause the taps, so losses
-                # that run a teacher's modules again (StagewiseAngularLoss)
-                # neither overwrite records nor keep their tensors alive
-                self.recorder.active = False
-                for name, bindings in self._bindings.items():
-                    kwargs = {b.arg: values[b.key] for b in bindings}
-                    key = name if name.startswith('loss') else f'loss_{name}'
-                    loss = self.distill_losses[name]
-                    losses[key] = loss(**kwargs)
-                    losses.update(_extra_log_vars(key, loss, s_emb.device))
+            with self.recorder.recording():
+                s_emb = self.student.backbone(inputs)
+                if self.student.head is not None:
+                    for key, value in self.student.head.loss(
+                            s_emb, data_samples['label']).items():
+                        losses[key] = value * self.cls_loss_weight
+                if self._bindings:
+                    outputs = self._model_outputs(inputs, data_samples,
+                                                  s_emb)
+                    values = self._bound_values(outputs, data_samples, s_emb)
+            # the taps are paused from here: losses that run a teacher's
+            # modules again (StagewiseAngularLoss) overwrite no record
+            for name, bindings in self._bindings.items():
+                kwargs = {b.arg: values[b.key] for b in bindings}
+                key = name if name.startswith('loss') else f'loss_{name}'
+                loss = self.distill_losses[name]
+                losses[key] = loss(**kwargs)
+                losses.update(_extra_log_vars(key, loss, s_emb.device))
         finally:
-            self.recorder.active = False
             self.recorder.clear()
         return losses
 

@@ -12,6 +12,7 @@ A tap is written ``<source>.<target>[:input]``:
 
 Recorded tensors live only for one training step.
 """
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -111,6 +112,18 @@ class TapRecorder:
             self.records[key] = value
 
         self._handles.append(module.register_forward_hook(hook))
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Record while the block runs (one step's forward passes), then
+        pause: later passes through tapped modules (a loss running a
+        teacher's stages) do not overwrite the records, which stay until
+        :meth:`clear`."""
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
 
     def get(self, key: str) -> Optional[torch.Tensor]:
         return self.records.get(key)
