@@ -12,8 +12,9 @@ from PIL import Image
 from torch import nn
 
 from kdzoo.cli import main
-from kdzoo.commands.bench import (SETTINGS, BenchSession, _ratio_text,
-                                _targets, cosface_loss, make_config)
+from kdzoo.commands.bench import (SETTINGS, BenchSession, cosface_loss,
+                                  make_config)
+from kdzoo.commands.bench.session import _ratio_text, _targets
 from kdzoo.commands.flops import count_forward_flops
 from kdzoo.registry import BACKBONES
 from kdzoo.utils.environment import cpu_capability, cpu_description
@@ -313,7 +314,7 @@ def test_random_deep_teachers_get_finite_outputs():
     """The default teachers (random IResNet-50 at 112 px) overflow to
     inf/NaN with the default BatchNorm statistics; kdzoo bench calibrates
     them on one small random batch first."""
-    from kdzoo.commands.bench import _calibrate_batchnorm
+    from kdzoo.commands.bench.session import _calibrate_batchnorm
     from kdzoo.registry import BACKBONES
     torch.manual_seed(0)
     teacher = BACKBONES.build(dict(type='IResNet', depth=50,
