@@ -391,7 +391,7 @@ def test_partial_fc_shard_layout(monkeypatch, world, sizes, starts):
     assert [len(s) for s in split] == sizes
     assert [int(s[0]) for s in split] == starts
     for rank in range(world):
-        monkeypatch.setattr(pfc_module, '_dist_info', lambda: (rank, world))
+        monkeypatch.setattr(pfc_module, 'get_dist_info', lambda: (rank, world))
         head = PartialFC(num_classes=10, embedding_size=4, sample_rate=0.5)
         assert head.num_local == sizes[rank]
         assert head.class_start == starts[rank]
@@ -412,12 +412,12 @@ def test_partial_fc_validation(monkeypatch):
     PartialFC(num_classes=5, embedding_size=4, margin='cosface', m=3.5)
     with pytest.raises(ConfigError, match='num_classes'):
         PartialFC(num_classes=0, embedding_size=4)
-    monkeypatch.setattr(pfc_module, '_dist_info', lambda: (0, 4))
+    monkeypatch.setattr(pfc_module, 'get_dist_info', lambda: (0, 4))
     with pytest.raises(ConfigError, match=r'num_classes must be >= the '
                                           r'world size \(4\).*got 3'):
         PartialFC(num_classes=3, embedding_size=4)
     head = PartialFC(num_classes=8, embedding_size=4)
-    monkeypatch.setattr(pfc_module, '_dist_info', lambda: (0, 1))
+    monkeypatch.setattr(pfc_module, 'get_dist_info', lambda: (0, 1))
     with pytest.raises(RuntimeError, match='rank 0 of 4'):
         head.loss(torch.randn(2, 4), torch.tensor([0, 1]))
     # labels are checked against the global num_classes

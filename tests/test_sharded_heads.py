@@ -14,7 +14,7 @@ from kdzoo.heads import partial_fc as pfc_module
 
 
 def head_of_rank(monkeypatch, rank, world, num_classes=7, dim=4):
-    monkeypatch.setattr(pfc_module, '_dist_info', lambda: (rank, world))
+    monkeypatch.setattr(pfc_module, 'get_dist_info', lambda: (rank, world))
     return PartialFC(num_classes=num_classes, embedding_size=dim,
                      margin='cosface', m=0.35)
 

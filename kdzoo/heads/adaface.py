@@ -18,13 +18,13 @@ import torch.distributed as dist
 
 from kdzoo.registry import HEADS
 from kdzoo.utils import ConfigError, check_number, no_autocast
+from kdzoo.utils.dist import world_size
 from .base import BaseMarginHead
 
 
 def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """``values`` summed over all ranks (unchanged without distributed)."""
-    if dist.is_available() and dist.is_initialized() and \
-            dist.get_world_size() > 1:
+    if world_size() > 1:
         values = values.clone()
         dist.all_reduce(values)
     return values

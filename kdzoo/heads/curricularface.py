@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from kdzoo.registry import HEADS
 from kdzoo.utils import ConfigError, check_number
+from kdzoo.utils.dist import world_size
 from .arcface import arc_margin
 from .base import BaseMarginHead
 
@@ -18,8 +19,7 @@ def _global_mean(values: torch.Tensor):
     """``(sum, count)`` of ``values`` over all ranks (all-reduced in DDP)."""
     stats = torch.stack([values.sum(),
                          values.new_tensor(float(values.numel()))])
-    if dist.is_available() and dist.is_initialized() and \
-            dist.get_world_size() > 1:
+    if world_size() > 1:
         dist.all_reduce(stats)
     return stats[0], stats[1]
 

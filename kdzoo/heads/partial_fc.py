@@ -8,74 +8,19 @@ structure of insightface ``recognition/arcface_torch/partial_fc_v2.py``
 (``PartialFC_V2``, its ``AllGather`` and ``DistCrossEntropy``).
 """
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from kdzoo.registry import HEADS
 from kdzoo.utils import ConfigError, check_int, check_number, no_autocast
+from kdzoo.utils.dist import (all_gather_with_grad, gather_batch_sizes,
+                              gather_rows, get_dist_info)
 from .arcface import arc_margin
 from .base import BaseMarginHead
 
 MARGINS = ('arcface', 'cosface')
-
-
-def _dist_info() -> Tuple[int, int]:
-    """``(rank, world_size)``, ``(0, 1)`` without ``torch.distributed``."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather_sizes(n: int, device: torch.device, world_size: int) -> List[int]:
-    """Every rank's batch size (all-gathered)."""
-    if world_size == 1:
-        return [n]
-    size = torch.tensor([n], dtype=torch.long, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(world_size)]
-    dist.all_gather(sizes, size)
-    return [int(s) for s in sizes]
-
-
-def _gather_rows(tensor: torch.Tensor, sizes: List[int]) -> torch.Tensor:
-    """Concatenate every rank's ``tensor`` (rows ``sizes[r]``), no autograd.
-
-    Rows are padded to the largest batch for ``all_gather`` and trimmed.
-    """
-    if len(sizes) == 1:
-        return tensor
-    padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
-    padded[:tensor.shape[0]] = tensor
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
-
-
-class _AllGather(torch.autograd.Function):
-    """All-gather of embedding rows whose gradient returns to each rank.
-
-    Backward: the gradient of the gathered rows is summed over the ranks
-    (each rank's shard contributes part of it) and this rank's slice is
-    returned, multiplied by the world size. The factor compensates
-    DistributedDataParallel's averaging of the backbone gradients, as
-    arcface_torch's ``AllGather`` does: the loss on every rank is the same
-    global mean, so after DDP averages the ranks' backbone gradients the
-    backbone gets exactly the gradient of that loss.
-    """
-
-    @staticmethod
-    def forward(ctx, tensor, sizes, rank):
-        ctx.sizes, ctx.rank = sizes, rank
-        return _gather_rows(tensor, sizes)
-
-    @staticmethod
-    def backward(ctx, grad):
-        sizes, rank = ctx.sizes, ctx.rank
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        start = sum(sizes[:rank])
-        return grad[start:start + sizes[rank]] * len(sizes), None, None
 
 
 def _all_reduce(tensor: torch.Tensor, op: str, world_size: int
@@ -216,7 +161,7 @@ class PartialFC(BaseMarginHead):
                  init_std: float = 0.01):
         name = type(self).__name__
         num_classes = check_int(name, 'num_classes', num_classes)
-        rank, world_size = _dist_info()
+        rank, world_size = get_dist_info()
         if num_classes < world_size:
             raise ConfigError(f'{name}: num_classes must be >= the world size '
                               f'({world_size}) so that every rank holds at '
@@ -279,7 +224,7 @@ class PartialFC(BaseMarginHead):
 
     # ------------------------------------------------------------ helpers
     def _check_world(self) -> None:
-        rank, world_size = _dist_info()
+        rank, world_size = get_dist_info()
         if (rank, world_size) != (self.rank, self.world_size):
             raise RuntimeError(
                 f'PartialFC was built for rank {self.rank} of '
@@ -390,10 +335,15 @@ class PartialFC(BaseMarginHead):
         dtype = self._compute_dtype(emb)
         with no_autocast(emb.device.type):
             emb = emb.to(dtype)
-            sizes = _gather_sizes(emb.shape[0], emb.device, self.world_size)
             if self.world_size > 1:
-                emb = _AllGather.apply(emb, sizes, self.rank)
-                labels = _gather_rows(labels, sizes)
+                # every rank's loss is its shard's part of the global loss:
+                # the embeddings' gradient comes back summed over the ranks,
+                # times the world size against DDP's averaging (as
+                # arcface_torch's AllGather)
+                sizes = gather_batch_sizes(emb.shape[0], emb.device)
+                emb = all_gather_with_grad(emb, sizes,
+                                           grad_scale=self.world_size)
+                labels = gather_rows(labels, sizes)
             target = self._local_target(labels)
             weight = self.weight.to(device=emb.device, dtype=dtype)
             if self.num_sample < self.num_local:

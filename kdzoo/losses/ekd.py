@@ -4,86 +4,14 @@ import math
 from typing import Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from mmengine.logging import print_log
 
 from kdzoo.registry import LOSSES
 from kdzoo.utils import ConfigError, is_finite_number
+from kdzoo.utils.dist import (all_gather_with_grad, gather_batch_sizes,
+                              gather_rows, world_size)
 from .base import BaseDistillLoss, require_embeddings_and_labels
-
-
-# ------------------------------------------------------------------ gather
-def _dist_world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def _gather_sizes(x: torch.Tensor) -> list:
-    """Batch size (dim 0) of ``x`` on every rank."""
-    size = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    return [int(s.item()) for s in sizes]
-
-
-def _gather_cat(x: torch.Tensor, sizes: list) -> torch.Tensor:
-    """Concatenate ``x`` of every rank along dim 0 (rank order).
-
-    Ranks may hold different batch sizes: each pads to the largest first.
-    """
-    biggest = max(sizes)
-    x = x.contiguous()
-    if x.shape[0] < biggest:
-        pad = x.new_zeros((biggest - x.shape[0],) + tuple(x.shape[1:]))
-        x = torch.cat([x, pad], dim=0)
-    parts = [torch.empty_like(x) for _ in sizes]
-    dist.all_gather(parts, x)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0 whose backward returns the local slice of the
-    gradient **summed over ranks** (an all-reduce, so it works on gloo too).
-
-    Every rank computes the same loss on the gathered batch; summing the
-    per-rank gradients and letting DDP average parameter gradients gives
-    exactly the gradient of the single-process loss on the whole batch.
-    """
-
-    @staticmethod
-    def forward(ctx, x):  # noqa: D401 - autograd API
-        sizes = _gather_sizes(x)
-        rank = dist.get_rank()
-        ctx.start = sum(sizes[:rank])
-        ctx.length = sizes[rank]
-        return _gather_cat(x, sizes)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.start:ctx.start + ctx.length]
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks (dim 0); gradient to the local slice.
-
-    A no-op (returns ``x``) when torch.distributed is not initialised or the
-    world size is 1.
-    """
-    if _dist_world_size() <= 1:
-        return x
-    return _AllGatherWithGrad.apply(x)
-
-
-def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks (dim 0) without autograd."""
-    if _dist_world_size() <= 1:
-        return x
-    with torch.no_grad():
-        return _gather_cat(x.detach(), _gather_sizes(x))
 
 
 # -------------------------------------------------------------------- loss
@@ -213,10 +141,11 @@ class EKDLoss(BaseDistillLoss):
         return (1.0 / (1.0 + torch.exp(exponent))).sum(dim=1)
 
     def _gather(self, s_emb, t_emb, labels) -> Tuple[torch.Tensor, ...]:
-        if not self.all_gather or _dist_world_size() <= 1:
+        if not self.all_gather or world_size() <= 1:
             return s_emb, t_emb, labels
-        return (all_gather_with_grad(s_emb), all_gather_no_grad(t_emb),
-                all_gather_no_grad(labels))
+        sizes = gather_batch_sizes(s_emb.shape[0], s_emb.device)
+        return (all_gather_with_grad(s_emb, sizes),
+                gather_rows(t_emb.detach(), sizes), gather_rows(labels, sizes))
 
     def _warn_no_positives(self):
         if not self._warned_no_pos:

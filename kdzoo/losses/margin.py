@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from kdzoo.registry import LOSSES
 from kdzoo.utils import (CheckpointError, ConfigError, check_class_labels,
                          check_int, check_number)
+from kdzoo.utils.dist import world_size
 from kdzoo.utils.checkpoint import extract_state_dict, load_weights_file
 from .base import BaseDistillLoss, require_ndim
 
@@ -443,10 +444,9 @@ class AdaDistillLoss(BaseDistillLoss):
         return alphas
 
     def _sync_centers(self) -> None:
-        if dist.is_available() and dist.is_initialized() and \
-                dist.get_world_size() > 1:
+        if world_size() > 1:
             dist.all_reduce(self.centers, op=dist.ReduceOp.SUM)
-            self.centers.div_(dist.get_world_size())
+            self.centers.div_(world_size())
 
     # ------------------------------------------------------------ forward
     def loss(self, s_emb: torch.Tensor, t_emb: torch.Tensor,

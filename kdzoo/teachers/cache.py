@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from kdzoo.utils import ConfigError, DataError, atomic_write_json
-from kdzoo.utils.fileio import _umask, kdzoo_cache_dir
+from kdzoo.utils.fileio import kdzoo_cache_dir, new_file_mode
 
 __all__ = ['TeacherOutputCache', 'teacher_checksum', 'dataset_checksum',
            'default_teacher_cache_dir', 'build_teacher_cache',
@@ -175,7 +175,7 @@ def build_teacher_cache(teacher: torch.nn.Module,
         del out
         with open(tmp, 'rb+') as f:  # on disk before it is renamed into place
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

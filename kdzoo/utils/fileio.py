@@ -13,10 +13,13 @@ from typing import Any, BinaryIO, Iterator, List
 import torch
 
 
-def _umask() -> int:
+def new_file_mode() -> int:
+    """The mode ``open()`` would give a new file here (0o666 less the
+    umask): for files made through ``mkstemp`` (0600) and renamed into
+    place."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def kdzoo_cache_dir(name: str) -> str:
@@ -40,7 +43,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates 0600; give the file the mode open() would
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -88,7 +91,7 @@ def atomic_output_files(*paths: str) -> Iterator[List[BinaryIO]]:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, new_file_mode())
         done = []
         try:
             for tmp, path in zip(temps, paths):
