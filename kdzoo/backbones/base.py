@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from kdzoo.utils import ConfigError
+from kdzoo.utils.probe import run_on_zeros
 
 
 class BaseBackbone(nn.Module):
@@ -67,18 +68,8 @@ class BaseBackbone(nn.Module):
                     shapes[name] = tuple(output.shape)
             return hook
 
-        handles = [m.register_forward_hook(record(n))
-                   for n, m in self.named_modules() if n]
-        was_training = self.training
-        self.eval()
-        try:
-            param = next(self.parameters(), None)
-            device = param.device if param is not None else 'cpu'
-            self(torch.zeros(batch_size, 3, *self.input_size, device=device))
-        finally:
-            for h in handles:
-                h.remove()
-            self.train(was_training)
+        run_on_zeros(self, (batch_size, 3, *self.input_size),
+                     [(m, record(n)) for n, m in self.named_modules() if n])
         return shapes
 
     def extra_repr(self) -> str:

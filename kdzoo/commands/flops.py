@@ -20,6 +20,8 @@ from typing import Dict, Sequence
 import torch
 from torch import nn
 
+from kdzoo.utils.probe import run_on_zeros
+
 __all__ = ['count_forward_flops']
 
 
@@ -65,24 +67,13 @@ def count_forward_flops(module: nn.Module,
         if isinstance(output, torch.Tensor):
             counts[kind] += rule(mod, output)
 
-    handles = []
+    hooks = []
     for sub in module.modules():
         for cls, kind, rule in _COUNTERS:
             if isinstance(sub, cls):
-                handles.append(sub.register_forward_hook(
-                    lambda m, i, o, kind=kind, rule=rule:
-                    hook(m, i, o, kind, rule)))
+                hooks.append((sub, lambda m, i, o, kind=kind, rule=rule:
+                              hook(m, i, o, kind, rule)))
                 break
-    was_training = module.training
-    param = next(module.parameters(), None)
-    device = param.device if param is not None else torch.device('cpu')
-    try:
-        module.eval()
-        with torch.no_grad():
-            module(torch.zeros(*input_shape, device=device))
-    finally:
-        module.train(was_training)
-        for handle in handles:
-            handle.remove()
+    run_on_zeros(module, input_shape, hooks)
     by_layer = {kind: int(counts.get(kind, 0)) for _, kind, _ in _COUNTERS}
     return dict(total=sum(by_layer.values()), by_layer=by_layer)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from kdzoo.registry import LOSSES
 from kdzoo.utils import ConfigError, did_you_mean
+from kdzoo.utils.probe import run_on_zeros
 from .base import BaseDistillLoss, require_ndim, require_same_shape
 
 
@@ -205,23 +206,14 @@ class StagewiseAngularLoss(BaseDistillLoss):
     def _probe(network, paths, size):
         """Stage output shapes (C, H, W) and embedding size, zero batch."""
         shapes = {}
-        handles = []
-        for i, path in enumerate(paths, start=1):
-            def hook(_m, _args, out, i=i):
+
+        def recorder(i):
+            def hook(_m, _args, out):
                 shapes[i] = tuple(out.shape[1:])
-            handles.append(network.get_submodule(path)
-                           .register_forward_hook(hook))
-        param = next(network.parameters(), None)
-        device = param.device if param is not None else 'cpu'
-        was_training = network.training
-        network.eval()
-        try:
-            with torch.no_grad():
-                emb = network(torch.zeros(1, 3, *size, device=device))
-        finally:
-            for h in handles:
-                h.remove()
-            network.train(was_training)
+            return hook
+        emb = run_on_zeros(network, (1, 3, *size),
+                           [(network.get_submodule(path), recorder(i))
+                            for i, path in enumerate(paths, start=1)])
         return shapes, int(emb.shape[1])
 
     def _require_attached(self) -> dict:

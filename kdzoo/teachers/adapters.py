@@ -8,6 +8,7 @@ from kdzoo.registry import BACKBONES, HEADS, TEACHERS
 from kdzoo.utils import (ConfigError, check_size, did_you_mean,
                          extract_state_dict, load_into, load_module_weights,
                          load_weights_file)
+from kdzoo.utils.probe import run_on_zeros
 from .base import FrozenTeacher, Number
 
 
@@ -339,9 +340,8 @@ def _classifier_width(state: dict, prefixes: Tuple[str, ...]) -> int:
 def _probe_embedding_size(model: nn.Module, input_size, owner: str,
                           model_name: str) -> int:
     """Run a zero batch; the output must be B×D."""
-    model.eval()
     try:
-        out = model(torch.zeros(1, 3, *input_size))
+        out = run_on_zeros(model, (1, 3, *input_size))
     except Exception as e:  # noqa: BLE001 -- report timm's reason
         raise ConfigError(f'{owner}: {model_name!r} cannot run at '
                           f'input_size {tuple(input_size)}: '
