@@ -52,7 +52,7 @@ def project(tmp_path_factory, cache_dir):
     assert set(files) == {
         'my_project/my_kd/losses.py', 'my_project/my_kd/backbones.py',
         'my_project/my_kd/teachers.py', 'my_project/make_teacher.py',
-        'my_project/my_recipe.py'}
+        'my_project/my_recipe.py', 'my_project/tests/test_my_losses.py'}
     for rel, source in files.items():
         path = work / rel
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +111,13 @@ def test_the_printed_commands_run_and_train_the_recipe(project, cache_dir):
     assert missing.returncode == 2
     assert 'my_kd.nope' in missing.stderr and 'PYTHONPATH' in missing.stderr
     assert 'Traceback' not in missing.stderr
+
+
+def test_the_printed_contract_test_passes(project):
+    ran = _run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+                'tests/test_my_losses.py'], project, PYTHONPATH='.')
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-2000:]
+    assert '1 passed' in ran.stdout
 
 
 def test_the_loss_matches_a_loop_and_keeps_the_teacher_side_frozen(my_kd):
