@@ -56,8 +56,8 @@ from typing import Dict, List, Optional
 from mmengine.config import Config
 
 from kdzoo.utils import ConfigError, atomic_write_json, atomic_write_text
-from kdzoo.engine.runner import (EVAL_VERSION, bootstrap_file, config_hash, load_recipe,
-                     test_recipe)
+from kdzoo.engine.runner import (EVAL_VERSION, bootstrap_file, config_hash,
+                                 load_recipe, test_recipe)
 
 _PLACEHOLDER = re.compile(r'\{([A-Za-z_][A-Za-z0-9_]*)\}')
 _SEED_KEY = 'randomness.seed'
@@ -347,3 +347,44 @@ def _finished(run_dir: str, run_hash: str) -> Optional[dict]:
     except (OSError, ValueError):
         return None
     return record if record.get('run_hash') == run_hash else None
+
+
+# ------------------------------------------------------------ command line
+def register(sub) -> None:
+    p = sub.add_parser('compare', help='train what a suite needs, evaluate, '
+                       'and tabulate (comparison.md/.json/.png)')
+    p.add_argument('suite')
+    p.add_argument('--work-dir')
+    p.add_argument('--force', action='store_true',
+                   help='retrain runs even if finished with the same config')
+    p.add_argument('--seeds', type=int, metavar='N',
+                   help='train every student run with randomness.seed '
+                   '0..N-1 and report mean ± std (default: the suite\'s '
+                   '`seeds`, else 1); teachers and runs with seeds=False '
+                   'are trained once and shared by all seeds')
+    p.add_argument('--cfg-options', nargs='+', metavar='KEY=VALUE',
+                   help='overrides applied to every run of the suite')
+    p.add_argument('--jobs', type=int, default=1, metavar='N',
+                   help='train up to N independent runs at once, each in '
+                   'its own process (default 1: one after another here)')
+    p.add_argument('--threads', type=int, metavar='T',
+                   help='torch threads per run (default: this machine\'s '
+                   'threads divided by --jobs); CPU digits depend on it')
+    p.add_argument('--executor', choices=('local', 'submitit'),
+                   default='local', help="where runs execute: 'local' "
+                   "processes, or one submitit job per run (Slurm)")
+    p.add_argument('--executor-options', nargs='+', metavar='KEY=VALUE',
+                   help='submitit parameters, e.g. slurm_partition=gpu '
+                   'timeout_min=120 gpus_per_node=1 (cluster=local runs '
+                   'the jobs here)')
+    p.set_defaults(func=run)
+
+
+def run(args):
+    from .options import parse_key_values
+    run_suite(args.suite, work_dir=args.work_dir, force=args.force,
+              cfg_options=parse_key_values(args.cfg_options),
+              seeds=args.seeds, jobs=args.jobs, threads=args.threads,
+              executor=args.executor,
+              executor_options=parse_key_values(args.executor_options,
+                                                  '--executor-options'))

@@ -143,3 +143,60 @@ def _print(results, model, flip):
             'labels sidecar gives them)')
     from kdzoo.utils.console import console
     console().print(table)
+
+
+# ------------------------------------------------------------ command line
+def register(sub) -> None:
+    p = sub.add_parser('evaluate',
+                       help='evaluate a pretrained model on InsightFace .bin '
+                       'verification sets and/or IJB-B/C')
+    p.add_argument('--model', required=True, help='.onnx file, or .pth state '
+                   'dict with --backbone')
+    p.add_argument('--backbone', help='backbone config as JSON, e.g. '
+                   '\'{"type": "IResNet", "depth": 50}\' (for .pth)')
+    p.add_argument('--bin', action='append',
+                   help='.bin file (repeatable)')
+    p.add_argument('--ijb', metavar='ROOT', help='IJB-B/C 1:1 template '
+                   'verification on ROOT/meta and ROOT/loose_crop '
+                   '(docs/ijb.md)')
+    p.add_argument('--ijb-target', choices=['ijbb', 'ijbc'], default='ijbc',
+                   type=str.lower, help='which IJB protocol (default ijbc)')
+    p.add_argument('--no-detector-score', action='store_true',
+                   help='IJB: do not weight images by their faceness score')
+    p.add_argument('--workers', type=int, default=0,
+                   help='IJB: image loading processes (default 0)')
+    p.add_argument('--no-flip', action='store_true',
+                   help='embed the image only (default: image + mirror)')
+    p.add_argument('--out', help='write the results as JSON here')
+    p.add_argument('--batch-size', type=int, default=128)
+    p.add_argument('--mean', type=float, default=127.5,
+                   help='input normalisation mean on 0-255 pixels')
+    p.add_argument('--std', type=float, default=128.0,
+                   help='input normalisation std on 0-255 pixels')
+    p.set_defaults(func=run)
+
+
+def run(args):
+    from kdzoo.utils import ConfigError, atomic_write_json
+    if not args.bin and not args.ijb:
+        raise ConfigError('evaluate needs --bin FILE (InsightFace .bin set, '
+                          'repeatable) and/or --ijb ROOT (IJB-B/C folder '
+                          'with meta/ and loose_crop/)')
+    from kdzoo.utils import json_option
+    network = build_pretrained(args.model,
+                               json_option('--backbone', args.backbone))
+    results = {}
+    if args.bin:  # written at once: kept if IJB fails later
+        results = evaluate_pretrained(
+            args.model, args.bin, flip=not args.no_flip, out=args.out,
+            batch_size=args.batch_size, mean=args.mean, std=args.std,
+            network=network)
+    if args.ijb:
+        from kdzoo.evaluation.ijb import evaluate_ijb
+        results[args.ijb_target] = evaluate_ijb(
+            network, args.ijb, args.ijb_target, flip=not args.no_flip,
+            use_detector_score=not args.no_detector_score,
+            batch_size=args.batch_size, out=args.out, mean=args.mean,
+            std=args.std, num_workers=args.workers)
+        if args.bin and args.out:  # one JSON for the .bin sets and IJB
+            atomic_write_json(args.out, results)

@@ -38,7 +38,8 @@ from kdzoo.utils import (CheckpointError, ConfigError, KdzooError,
                          load_weights_file)
 from kdzoo.utils.checkpoint import select_prefix
 from kdzoo.version import __version__
-from kdzoo.engine.checkpoint import find_resume_checkpoint, runner_checkpoint_policy
+from kdzoo.engine.checkpoint import (find_resume_checkpoint,
+                                     runner_checkpoint_policy)
 from kdzoo.engine.validate import import_custom_modules
 
 FORMATS = ('pth', 'onnx')
@@ -328,3 +329,35 @@ def _jsonable(obj):
     if hasattr(obj, 'item'):
         return obj.item()
     return str(obj)
+
+
+# ------------------------------------------------------------ command line
+def register(sub) -> None:
+    p = sub.add_parser('export', help="write a run's student backbone as a "
+                       '.pth state dict or an .onnx model (+ sidecar JSON)')
+    p.add_argument('run_dir', metavar='RUN_DIR',
+                   help='work dir of a `kdzoo train` run')
+    p.add_argument('--format', required=True, metavar='{pth,onnx}')
+    p.add_argument('--checkpoint', help='runner checkpoint or backbone.pth '
+                   '(default: the newest complete one in RUN_DIR)')
+    p.add_argument('--out', help='output file (default: '
+                   'RUN_DIR/export/student_<checkpoint>.<format>)')
+    p.add_argument('--opset', type=int, default=17,
+                   help='ONNX opset version (onnx only)')
+    p.set_defaults(func=run)
+
+
+def run(args):
+    result = export_student(args.run_dir, args.format, out=args.out,
+                            checkpoint=args.checkpoint, opset=args.opset)
+    check = result.get('onnxruntime_check')
+    if check:
+        per_batch = ', '.join(f'batch {n}: {v["max_abs_diff"]:.3g}'
+                              for n, v in check['batches'].items())
+        print(f'onnxruntime vs PyTorch max |diff|: {per_batch} (relative '
+              f'{check["relative_diff"]:.3g} of output scale '
+              f'{check["output_scale"]:.3g}; tolerance '
+              f'{check["tolerance_relative"]:g})')
+    print(f'student backbone from {result["checkpoint"]}')
+    print(f'exported: {result["path"]}')
+    print(f'sidecar: {result["sidecar_path"]}')

@@ -61,7 +61,7 @@ from .session import BenchSession, run_bench
 
 __all__ = ['SETTINGS', 'PRESETS', 'BenchConfig', 'make_config',
            'BenchSession', 'PlainLoop', 'cosface_loss', 'run_bench',
-           'print_report', 'add_bench_arguments', 'run_cli']
+           'print_report', 'add_bench_arguments', 'run_cli', 'register']
 
 
 # ------------------------------------------------------------ CLI
@@ -128,3 +128,11 @@ def run_cli(args) -> dict:
     print_report(record)
     print(f'json: {args.out}')
     return record
+
+
+def register(sub) -> None:
+    p = sub.add_parser('bench', help='training speed: student alone, with '
+                       'one/two online teachers, two cached teachers, and a '
+                       'plain PyTorch loop (images/s, ms/step, memory)')
+    add_bench_arguments(p)
+    p.set_defaults(func=run_cli)
