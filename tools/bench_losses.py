@@ -126,6 +126,8 @@ def main(argv=None):
                 inputs = make_inputs(params, args.batch, args.dim, device, g)
                 if hasattr(loss, 'check_shapes'):
                     loss.check_shapes({k: v.shape for k, v in inputs.items()})
+                    # as in training: checked once, not at every step
+                    loss.inputs_checked = True
                 loss = loss.to(device)
                 median, best = time_loss(loss, inputs, args.repeats, device)
                 rows.append(dict(loss=name, device=device,
