@@ -3,7 +3,6 @@ import pickle
 
 import pytest
 import torch
-from mmengine.optim import OptimWrapper
 
 import kdzoo  # noqa: F401
 from kdzoo.distillers import FaceDistiller

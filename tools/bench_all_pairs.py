@@ -14,7 +14,6 @@ blocks), for the same set; it must give the same TARs.
 Prints a table and writes the JSON atomically.
 """
 import argparse
-import json
 import os
 import platform
 import sys

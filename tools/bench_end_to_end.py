@@ -311,8 +311,8 @@ def main(argv=None):
         print(' | '.join(str(r[c]) for c in cols))
     for k, v in ratios.items():
         print(f'{k}: {v:.3f}')
-    with open(args.out, 'w') as f:
-        json.dump(record, f, indent=2)
+    from kdzoo.utils import atomic_write_json
+    atomic_write_json(args.out, record)
     print(f'json: {args.out}')
 
 

@@ -9,7 +9,6 @@ difference. Prints a table, writes JSON.
 """
 import argparse
 import copy
-import json
 import time
 
 import torch
@@ -78,8 +77,8 @@ def main(argv=None):
     for name, row in rows.items():
         print(f'{name:32s} {row["images_per_s"]:8.1f} images/s   '
               f'max |diff|/scale {row["max_relative_difference"]:.1e}')
-    with open(args.out, 'w') as f:
-        json.dump(record, f, indent=2)
+    from kdzoo.utils import atomic_write_json
+    atomic_write_json(args.out, record)
     print(f'json: {args.out}')
 
 

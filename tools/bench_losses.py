@@ -10,7 +10,6 @@ JSON with the device, versions and settings. Speed lives here, never in
 tests.
 """
 import argparse
-import json
 import os
 import platform
 import statistics

@@ -20,7 +20,6 @@ Also checks that kdzoo's embeddings equal the direct ones.
         [--limit 2048] [--batch-size 128] [--out bench_onnx.json]
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -169,8 +168,8 @@ def main(argv=None):
         print(f'{k}: {v:.3f}x')
     print(f'kdzoo vs direct embeddings: max |diff| / max |emb| = '
           f'{agreement:.1e}')
-    with open(args.out, 'w') as f:
-        json.dump(result, f, indent=2)
+    from kdzoo.utils import atomic_write_json
+    atomic_write_json(args.out, result)
     print(f'json: {args.out}')
 
 

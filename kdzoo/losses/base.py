@@ -73,18 +73,20 @@ class BaseDistillLoss(nn.Module):
 
     @classmethod
     def teacher_arg_names(cls) -> Tuple[str, ...]:
-        names = tuple(cls.input_signature().parameters)
+        """The arguments the frame detaches (``teacher_args``, else every
+        ``t_*`` argument)."""
         if cls.teacher_args is not None:
             return tuple(cls.teacher_args)
-        return tuple(n for n in names if n.startswith('t_'))
+        return tuple(n for n in cls.input_signature().parameters
+                     if n.startswith('t_'))
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         bound = self.input_signature().bind(*args, **kwargs)
         values = bound.arguments
         if not self.inputs_checked:
             self.validate_shapes({name: value.shape
-                               for name, value in values.items()
-                               if torch.is_tensor(value)})
+                                  for name, value in values.items()
+                                  if torch.is_tensor(value)})
         device_type = 'cpu'
         teacher = self.teacher_arg_names()
         for name, value in values.items():
