@@ -42,6 +42,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -331,6 +332,26 @@ def test_cpu_process_group_refuses_nccl():
                        r"'nccl' needs CUDA.*backend='gloo'"):
         init_cpu_process_group(dict(backend='nccl', timeout=60))
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize('fails', [False, True])
+def test_process_group_closed_destroys_the_group(tmp_path, fails):
+    """A gloo group left alive at exit can abort the process while Python
+    shuts down; ``kdzoo train`` ends inside process_group_closed, which
+    destroys the group whether the block ran through or raised."""
+    from kdzoo.utils.dist import process_group_closed
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "pg"}',
+                            rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError) if fails else nullcontext():
+            with process_group_closed():
+                dist.all_reduce(torch.ones(1))
+                if fails:
+                    raise RuntimeError('a failed run')
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 STUDENT_RECIPE = os.path.join(ROOT, 'recipes', 'students',

@@ -29,10 +29,12 @@ def register(sub) -> None:
 def run_train(args):
     from kdzoo.engine import load_recipe, train_recipe
     from kdzoo.commands.report import print_metrics
+    from kdzoo.utils.dist import process_group_closed
     cfg = load_recipe(args.recipe, parse_key_values(args.cfg_options),
                       args.work_dir)
     cfg.launcher = args.launcher
-    record = train_recipe(cfg, resume=args.resume)
+    with process_group_closed():
+        record = train_recipe(cfg, resume=args.resume)
     print_metrics(record, title=f'{record["name"]}: test metrics')
     print(f'results: {os.path.join(cfg.work_dir, "results.json")}')
 

@@ -1,19 +1,49 @@
 """Distributed helpers on top of ``mmengine.dist``: rank and world size,
-and an all-gather of rows whose ranks may hold different batch sizes, with
-or without a gradient back to each rank's own rows."""
-from typing import List
+an all-gather of rows whose ranks may hold different batch sizes, with
+or without a gradient back to each rank's own rows, and the end of a
+process group."""
+import contextlib
+from typing import Iterator, List
 
 import torch
 import torch.distributed as dist
 from mmengine.dist import get_dist_info
 
 __all__ = ['get_dist_info', 'world_size', 'gather_batch_sizes',
-           'gather_rows', 'all_gather_with_grad']
+           'gather_rows', 'all_gather_with_grad', 'process_group_closed']
 
 
 def world_size() -> int:
     """The number of processes, 1 without ``torch.distributed``."""
     return get_dist_info()[1]
+
+
+@contextlib.contextmanager
+def process_group_closed() -> Iterator[None]:
+    """Destroy the default process group when the block ends, if one is
+    up by then.
+
+    A process that exits with a gloo group still alive can abort while the
+    interpreter shuts down (``terminate called without an active
+    exception``: gloo's worker threads outlive Python), which torchrun
+    reports as a failed rank although training finished. After a block
+    that ran through, the ranks first meet at a barrier so that none
+    tears the group down while another still talks to it; after an error
+    the group is destroyed without waiting for ranks that may never come.
+    """
+    try:
+        yield
+    except BaseException:
+        _destroy()
+        raise
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    _destroy()
+
+
+def _destroy() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gather_batch_sizes(n: int, device: torch.device) -> List[int]:
