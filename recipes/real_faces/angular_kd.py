@@ -1,8 +1,8 @@
 # Real data, angular KD (ShrinkTeaNet final-layer term, arXiv 1905.10620
 # Eq. 4/5): (1 - cos(P(s), t))^2 to the pretrained ONNX teacher's 192-d
-# embedding, P a training-only Linear+BN projector 128 -> 192. Teacher
-# embeddings from the teacher-output cache. Weight as the SynthFaceAge
-# recipe (recipes/kd/angular_kd_synthface_age.py), not tuned here.
+# embedding, P a training-only Linear+BN projector 128 -> 192, next to the
+# student's CosFace identity loss (weight model.cls_loss_weight, 1 here).
+# Teacher embeddings (image and mirror) from the teacher-output cache.
 _base_ = ['../_base_/real_faces.py']
 model = dict(
     connectors=dict(

@@ -1,35 +1,33 @@
 # Real data, LIAAD as far as pretrained ONNX teachers allow (see
 # recipes/liaad/liaad.py for what is verified and what reconstructed):
-#   - final angular distillation from the FR teacher (ShrinkTeaNet Eq. 4,
-#     verified), its embeddings cached;
-#   - attention maps of a second teacher's last two stages (14x14 and 7x7
-#     maps of faceplugin_fr_feature.onnx, found in its converted graph)
+#   - final angular distillation from both teachers (ShrinkTeaNet Eq. 4,
+#     verified), as two_teacher_angular.py, no identity loss;
+#   - attention maps of the second teacher's last two stages (14x14 and
+#     7x7 maps of faceplugin_fr_feature.onnx, found in its converted graph)
 #     transferred to the student's stages 3 and 4 (reconstructed: channel
 #     mean of |F|^2, L2-normalised, resized bilinearly to the student's
-#     maps). This teacher runs online: the cache holds embeddings only.
+#     maps). The second teacher runs online here (the cache holds
+#     embeddings, not feature maps); its embedding comes from that pass.
 # Two departures from LIAAD, both forced by the data at hand: no
 # age-invariant teacher exists for real faces here (the second teacher is a
 # general FR model, so this tests the attention mechanism, not age
 # knowledge), and the stage-wise angular term is left out (an ONNX graph
 # cannot be restarted from an inner stage: no forward_from_stage).
-# = angular_kd.py (same projector, weight and cached teacher) + attention.
-_base_ = ['./angular_kd.py']
+_base_ = ['./two_teacher_angular.py']
 model = dict(
     teachers=dict(
-        teacher_att=dict(
-            type='OnnxTeacher',
-            file='../shared/teachers/faceplugin_fr_feature.onnx',
-            input_size=(112, 112),
+        teacher_fr2=dict(
             # outputs at 56, 28, 14 and 7 px in the converted graph
             stage_paths=['PRelu_5', 'PRelu_34', 'PRelu_75', 'PRelu_92'])),
+    teacher_cache=dict(teachers=['teacher_fr']),
     distill_losses=dict(
         loss_att3=dict(
             type='AgeAttentionLoss', q=2, attention_use='transfer',
             loss_weight=1000.0,
             inputs=dict(s_feat='student.stage3',
-                        t_feat='teacher_att.stage3')),
+                        t_feat='teacher_fr2.stage3')),
         loss_att4=dict(
             type='AgeAttentionLoss', q=2, attention_use='transfer',
             loss_weight=1000.0,
             inputs=dict(s_feat='student.stage4',
-                        t_feat='teacher_att.stage4'))))
+                        t_feat='teacher_fr2.stage4'))))

@@ -1,0 +1,21 @@
+# Real data, two teachers, final angular KD from both: the sirius ONNX
+# teacher (192-d, projector 128 -> 192) and the faceplugin ONNX teacher
+# (512-d, projector 128 -> 512), both embeddings cached (image and mirror),
+# no identity loss. Each term carries half of angular_kd_no_id.py's weight,
+# so the total distillation weight is the same as with one teacher.
+_base_ = ['./angular_kd_no_id.py']
+model = dict(
+    teachers=dict(
+        teacher_fr2=dict(type='OnnxTeacher',
+                         file='../shared/teachers/faceplugin_fr_feature.onnx',
+                         input_size=(112, 112))),
+    teacher_cache=dict(teachers=['teacher_fr', 'teacher_fr2']),
+    connectors=dict(
+        proj_fr2=dict(type='LinearProjector', out_features=512)),
+    distill_losses=dict(
+        loss_ang=dict(loss_weight=8.0),
+        loss_ang2=dict(
+            type='AngularDistillationLoss', p=2, loss_weight=8.0,
+            inputs=dict(s_emb=dict(tap='student.embedding',
+                                   connector='proj_fr2'),
+                        t_emb='teacher_fr2.embedding'))))
