@@ -1,6 +1,6 @@
 """Datasets, samplers and transforms for face recognition."""
 from .bin_dataset import InsightFaceBinDataset, InsightFaceBinSets
-from .image_folder import ImageFolderFaces
+from .image_folder import ImageFolderFaces, ImageFolderVerification
 from .pack import write_bin, write_recordio
 from .recordio import RecordIODataset
 from .samplers import IdentityBalancedSampler
@@ -10,4 +10,5 @@ from .transforms import PackFaceInputs, RandomHorizontalFlip
 __all__ = ['PackFaceInputs', 'RandomHorizontalFlip', 'InsightFaceBinDataset',
            'InsightFaceBinSets', 'SynthFaceAge', 'IdentityBalancedSampler',
            'RecordIODataset',
-           'ImageFolderFaces', 'write_recordio', 'write_bin']
+           'ImageFolderFaces', 'ImageFolderVerification', 'write_recordio',
+           'write_bin']
