@@ -130,7 +130,8 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
               cfg_options: Optional[dict] = None,
               seeds: Optional[int] = None, jobs: int = 1,
               threads: Optional[int] = None, executor: str = 'local',
-              executor_options: Optional[dict] = None) -> List[dict]:
+              executor_options: Optional[dict] = None,
+              suite: Optional[Config] = None) -> List[dict]:
     """Train what is missing, test everything, write and print the table.
 
     ``jobs`` > 1 trains independent runs in that many processes at once
@@ -139,7 +140,9 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     ``jobs=1`` sets the thread count of the sequential runs.
     ``executor='submitit'`` submits each run as a submitit job (Slurm)
     with ``executor_options``. Returns every run's record (one per run and
-    seed, in suite order).
+    seed, in suite order). ``suite``: run these runs instead of the file's
+    (``kdzoo.commands.compare_grid``); recipes still resolve against
+    ``path``.
     """
     from kdzoo.commands.report import (aggregate, comparison_markdown,
                                          default_columns,
@@ -148,7 +151,7 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
                                          reproduction_context)
     from kdzoo.evaluation.significance import METHOD_NOTE, add_intervals
     from .compare_jobs import check_jobs, run_tasks
-    suite = load_suite(path)
+    suite = load_suite(path) if suite is None else suite
     baseline, reference = _comparison_runs(suite, path)  # before training
     num_seeds = _num_seeds(seeds if seeds is not None else
                            suite.get('seeds', 1),
@@ -377,14 +380,22 @@ def register(sub) -> None:
                    help='submitit parameters, e.g. slurm_partition=gpu '
                    'timeout_min=120 gpus_per_node=1 (cluster=local runs '
                    'the jobs here)')
+    p.add_argument('--grid', action='store_true',
+                   help="run the suite's loss-weight grid (its `grid`: "
+                   'each point on the validation split) and write the '
+                   'choice to grid.md, instead of the comparison')
     p.set_defaults(func=run)
 
 
 def run(args):
     from .options import parse_key_values
-    run_suite(args.suite, work_dir=args.work_dir, force=args.force,
-              cfg_options=parse_key_values(args.cfg_options),
-              seeds=args.seeds, jobs=args.jobs, threads=args.threads,
-              executor=args.executor,
-              executor_options=parse_key_values(args.executor_options,
-                                                  '--executor-options'))
+    kwargs = dict(work_dir=args.work_dir, force=args.force,
+                  cfg_options=parse_key_values(args.cfg_options),
+                  seeds=args.seeds, jobs=args.jobs, threads=args.threads,
+                  executor=args.executor,
+                  executor_options=parse_key_values(args.executor_options,
+                                                    '--executor-options'))
+    if args.grid:
+        from .compare_grid import run_grid
+        return run_grid(args.suite, **kwargs)
+    run_suite(args.suite, **kwargs)

@@ -1,0 +1,144 @@
+"""``kdzoo compare SUITE --grid``: every point of each run's loss-weight
+grid trained on the grid's options, the choice by the selection metric,
+and grid.md saying what the suite runs now. Training is a stub whose
+metric peaks at a known weight, so the choice is known in advance."""
+import json
+import math
+import os
+
+import pytest
+
+import kdzoo  # noqa: F401
+import kdzoo.commands.compare_jobs as jobs_mod
+from kdzoo.cli import main
+from kdzoo.commands.compare_grid import grid_points, point_label, run_grid
+from kdzoo.utils import ConfigError
+from test_compare import KD, STUDENT, write_suite
+
+SELECT = 'val/TAR@FAR=1e-3'
+WEIGHT = 'model.distill_losses.loss_ang.loss_weight'
+BEST = 4.0  # the stub's metric peaks here
+
+
+def stub_record(cfg, *args, **kwargs):
+    """A record whose selection metric peaks at loss weight BEST and which
+    carries what the run was trained with (to check the options)."""
+    losses = cfg.model.get('distill_losses') or {}
+    weight = losses['loss_ang']['loss_weight'] if 'loss_ang' in losses \
+        else 1.0
+    value = 0.5 - 0.01 * math.log(weight / BEST) ** 2
+    return dict(
+        name=cfg.experiment_name, seed=cfg.randomness.seed,
+        config_hash='x', metrics={SELECT: value, 'val/accuracy': 90.0},
+        curves={}, student_params=1, teachers=[], epochs=cfg.train_cfg
+        .max_epochs, batch_size=8, train_time_s=1.0, test_time_s=0.5,
+        work_dir=cfg.work_dir, device='cpu', weight=weight,
+        cls_loss_weight=cfg.model.get('cls_loss_weight', 1.0))
+
+
+SUITE = f'''
+    runs = [
+        dict(name='alone', recipe={STUDENT!r}),
+        dict(name='kd', recipe={KD!r},
+             cfg_options={{{WEIGHT!r}: 16.0}}),
+        dict(name='kd_no_id', recipe={KD!r},
+             cfg_options={{'model.cls_loss_weight': 0.0}}),
+    ]
+    grid = dict(
+        select={SELECT!r},
+        cfg_options={{'train_cfg.max_epochs': 2}},
+        runs=dict(kd={{{WEIGHT!r}: [1.0, 4.0, 16.0]}},
+                  kd_no_id=[{{{WEIGHT!r}: 2.0}}, {{{WEIGHT!r}: 8.0}}]))
+    '''
+
+
+@pytest.fixture
+def trained(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jobs_mod, 'train_recipe',
+                        lambda cfg: calls.append(stub_record(cfg)) or
+                        dict(calls[-1]))
+    return calls
+
+
+def test_grid_trains_every_point_and_records_the_choice(tmp_path, trained):
+    suite = write_suite(tmp_path / 's.py', SUITE)
+    work = str(tmp_path / 'w')
+    rows = run_grid(suite, work_dir=work)
+    got = sorted((c['name'], c['weight'], c['epochs'], c['cls_loss_weight'])
+                 for c in trained)
+    assert got == sorted(
+        [(f'kd@loss_weight={w}', w, 2, 1.0) for w in (1.0, 4.0, 16.0)] +
+        [(f'kd_no_id@loss_weight={w}', w, 2, 0.0) for w in (2.0, 8.0)])
+    assert {r['run']: r['chosen'] for r in rows} == {
+        'kd': {WEIGHT: 4.0}, 'kd_no_id': {WEIGHT: 2.0}}  # 2 nearer 4 in log
+    grid_dir = os.path.join(work, 'grid')
+    with open(os.path.join(grid_dir, 'grid.json')) as f:
+        saved = json.load(f)
+    assert saved['select'] == SELECT and saved['rows'][0]['run'] == 'kd'
+    md = open(os.path.join(grid_dir, 'grid.md')).read()
+    # the suite runs kd at 16.0 (its cfg_options) and kd_no_id at the
+    # recipe's value: both differ from the choice
+    (row,) = [ln for ln in md.splitlines()
+              if ln.startswith('| kd | loss_weight=4.0 |')]
+    assert '| yes | 16.0 |' in row
+    (row,) = [ln for ln in md.splitlines()
+              if ln.startswith('| kd_no_id | loss_weight=2.0 |')]
+    assert '| yes |' in row
+    assert 'differs from the choice: kd, kd_no_id.' in md
+    # the grid's own comparison (intervals and all) sits beside it
+    assert os.path.isfile(os.path.join(grid_dir, 'comparison.md'))
+
+    # again: every grid run is reused; through the command line too
+    trained.clear()
+    assert main(['compare', suite, '--grid', '--work-dir', work]) == 0
+    assert trained == []
+
+
+def test_suite_recording_the_choice_is_not_stale(tmp_path, trained):
+    src = SUITE.replace(f"{WEIGHT!r}: 16.0", f"{WEIGHT!r}: 4.0")
+    suite = write_suite(tmp_path / 's.py', src.replace(
+        "kd_no_id=[{" + repr(WEIGHT) + ": 2.0}, {" + repr(WEIGHT) +
+        ": 8.0}]", "kd_no_id={" + repr(WEIGHT) + ": [16.0]}"))
+    run_grid(suite, work_dir=str(tmp_path / 'w'))
+    md = open(tmp_path / 'w' / 'grid' / 'grid.md').read()
+    assert 'differs from the choice: none.' in md
+
+
+def test_grid_points_and_labels():
+    assert grid_points({'a.x': [1, 2], 'b.y': [3]}, 'w') == [
+        {'a.x': 1, 'b.y': 3}, {'a.x': 2, 'b.y': 3}]
+    assert grid_points([{'a': 1}, {'a': 2, 'b': 0}], 'w') == [
+        {'a': 1}, {'a': 2, 'b': 0}]
+    assert point_label({'m.loss.w_dist': 5.0, 'm.loss.w_angle': 1e-3}) == \
+        'w_dist=5.0,w_angle=0.001'
+    assert point_label({'k': 'a b/c'}) == 'k=a_b_c'
+    for bad in ({}, {'a': []}, {'a': 3}, [], [{}], 'a'):
+        with pytest.raises(ConfigError, match='grid'):
+            grid_points(bad, 'suite.py: grid.runs.kd')
+
+
+@pytest.mark.parametrize('grid,message', [
+    (None, r'--grid needs the suite to define grid='),
+    ("dict(select='val/a', runs=dict(kdd={'x': [1]}))",
+     r"grid.runs names 'kdd', which is no run.*Did you mean: 'kd'"),
+    ("dict(select='val/a', runs=[])", r'grid.runs must map run names'),
+    ("dict(select='acc', runs=dict(kd={'x': [1]}))",
+     r'grid.select must be the metric key'),
+])
+def test_grid_spec_errors(tmp_path, capsys, grid, message):
+    src = SUITE.split('    grid = ')[0] + (f'    grid = {grid}\n'
+                                          if grid else '')
+    suite = write_suite(tmp_path / 's.py', src)
+    with pytest.raises(ConfigError, match=message):
+        run_grid(suite, work_dir=str(tmp_path / 'w'))
+    assert not os.path.exists(tmp_path / 'w')
+
+
+def test_missing_selection_metric_names_the_run_and_the_fix(tmp_path,
+                                                            trained):
+    suite = write_suite(tmp_path / 's.py',
+                        SUITE.replace(repr(SELECT), "'lfw/accuracy'"))
+    with pytest.raises(ConfigError, match=r"grid run 'kd@loss_weight=1.0' "
+                       r"has no 'lfw/accuracy'.*set grid.select"):
+        run_grid(suite, work_dir=str(tmp_path / 'w'))
