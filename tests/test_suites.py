@@ -10,6 +10,7 @@ import torch
 import kdzoo  # noqa: F401
 from kdzoo.engine.runner import load_recipe
 from kdzoo.commands.compare import _resolve_recipe, _substitute, load_suite
+from kdzoo.commands.compare_grid import grid_suite
 from kdzoo.engine.validate import validate_config
 from kdzoo.registry import BACKBONES, HEADS
 from conftest import shared_path
@@ -44,3 +45,21 @@ def test_suite_runs_resolve_and_validate(suite_path, tmp_path):
                        run_dir / 'head.pth')
         run_dirs[run['name']] = str(run_dir)
     assert run_dirs
+    if suite.get('grid'):  # every grid point resolves and validates too
+        derived = grid_suite(suite, suite_path, str(tmp_path / 'grid'))
+        assert len(derived.runs) == len(derived.grid_plan) > 0
+        for run in derived.runs:
+            cfg = load_recipe(_resolve_recipe(run['recipe'], suite_path),
+                              dict(run['cfg_options']),
+                              str(tmp_path / 'grid' / run['name']))
+            validate_config(cfg)
+            for key, value in run['cfg_options'].items():
+                if not isinstance(value, dict):
+                    assert _lookup(cfg, key) == value, (run['name'], key)
+
+
+def _lookup(cfg, key):
+    node = cfg
+    for part in key.split('.'):
+        node = node[part]
+    return node

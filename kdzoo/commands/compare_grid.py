@@ -30,6 +30,7 @@ written to ``grid.md`` / ``grid.json`` beside the value the suite runs
 with now (its recipe and ``cfg_options``), so that a suite records both
 the grid and the choice, and a stale choice shows.
 """
+import copy
 import itertools
 import json
 import os
@@ -109,8 +110,8 @@ def grid_suite(suite: Config, path: str,
     for name, spec in grid['runs'].items():
         run = by_name[name]
         for point in grid_points(spec, f'{path}: grid.runs.{name}'):
-            options = dict(run.get('cfg_options') or {})
-            options.update(common)
+            options = copy.deepcopy(dict(run.get('cfg_options') or {}))
+            options.update(copy.deepcopy(common))
             options.update(point)
             grid_name = f'{name}@{point_label(point)}'
             runs.append(dict(name=grid_name, recipe=run['recipe'],

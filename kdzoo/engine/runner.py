@@ -1,5 +1,6 @@
 """Runner glue: build an mmengine runner from a recipe, train, test, record."""
 import contextlib
+import copy
 import datetime
 import functools
 import hashlib
@@ -224,7 +225,9 @@ def load_recipe(path: str, cfg_options: Optional[dict] = None,
     cfg = Config.fromfile(path, import_custom_modules=False)
     if cfg_options:
         epochs = (cfg.get('train_cfg') or {}).get('max_epochs')
-        cfg.merge_from_dict(cfg_options)
+        # a copy: mmengine pops `_delete_` from the dicts it merges, which
+        # would change the caller's options for the next recipe
+        cfg.merge_from_dict(copy.deepcopy(cfg_options))
         _sync_schedule(cfg, epochs)
     if work_dir:
         cfg.work_dir = work_dir
