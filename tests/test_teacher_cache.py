@@ -2,6 +2,7 @@
 the teacher online."""
 import glob
 import os
+import time
 
 import numpy as np
 import pytest
@@ -264,6 +265,62 @@ def test_cached_embeddings_equal_the_online_teacher(tmp_path, cache_dir):
          if type(h).__name__ == 'TeacherCacheHook').before_train(runner2)
     assert os.path.getmtime(files[0]) == mtime
     assert glob.glob(str(tmp_path / 'tcache' / '*.npy')) == files
+
+
+def test_runs_side_by_side_build_the_cache_once(tmp_path, cache_dir,
+                                                monkeypatch):
+    """Two runs that need the same cache at the same time (compare --jobs):
+    one builds it, the other waits on the lock and reads the same file."""
+    import threading
+    import kdzoo.engine.teacher_cache_hook as hook_module
+    builds = []
+    real_build = hook_module.build_teacher_cache
+
+    def counted_build(*args, **kwargs):
+        builds.append(threading.get_ident())
+        time.sleep(0.3)  # long enough for the other run to reach the lock
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(hook_module, 'build_teacher_cache', counted_build)
+    runners = [_runner(tmp_path, cache_dir, True, f'side{i}')[1]
+               for i in range(2)]
+    errors = []
+
+    def prepare(runner):
+        try:
+            next(h for h in runner.hooks if type(h).__name__ ==
+                 'TeacherCacheHook').before_train(runner)
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=prepare, args=(r,)) for r in runners]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert len(builds) == 1
+    paths = {r.model.teacher_outputs._caches['teacher_fr'].path
+             for r in runners}
+    assert len(paths) == 1
+
+
+def test_exclusive_lock_makes_the_second_holder_wait(tmp_path):
+    import threading
+    from kdzoo.utils.fileio import exclusive_lock
+    lock = str(tmp_path / 'sub' / 'x.lock')  # its folder is created
+    entered = threading.Event()
+
+    def second():
+        with exclusive_lock(lock):
+            entered.set()
+
+    with exclusive_lock(lock):
+        thread = threading.Thread(target=second)
+        thread.start()
+        assert not entered.wait(0.3)  # blocked while the first holds it
+    assert entered.wait(30)
+    thread.join(30)
 
 
 def test_cached_training_equals_online_training(tmp_path, cache_dir):

@@ -14,6 +14,7 @@ from kdzoo.teachers.cache import (build_teacher_cache, cache_file_name,
                                   default_teacher_cache_dir, open_valid_cache,
                                   teacher_checksum)
 from kdzoo.utils import ConfigError
+from kdzoo.utils.fileio import exclusive_lock
 from kdzoo.version import __version__
 
 # Transforms a cached teacher's input may pass through: decoding, the flip
@@ -60,26 +61,14 @@ class TeacherCacheHook(Hook):
                             cfg['dtype'])
             path = os.path.join(cache_dir, cache_file_name(name, key))
             size = teacher.embedding_size
-            t0 = time.time()
-            if get_rank() == 0 and open_valid_cache(path, count,
-                                                    size) is None:
-                print_log(f'teacher cache: embedding {count} images and '
-                          f'their mirrors with {name!r} -> {path}',
-                          logger='current')
-                info = dict(teacher=name, teacher_type=type(teacher).__name__,
-                            source=getattr(teacher, 'checkpoint', None) or
-                            getattr(teacher, 'file', None),
-                            dataset=type(dataset).__name__,
-                            num_samples=count, batch_size=batch_size,
-                            dtype=cfg['dtype'], key=key,
-                            kdzoo=__version__)
-                build_teacher_cache(
-                    teacher,
-                    _batches(dataset, pack_only, model.data_preprocessor,
-                             batch_size, device),
-                    count, path, dtype=cfg['dtype'], info=info)
-                print_log(f'teacher cache {name!r}: built in '
-                          f'{time.time() - t0:.1f} s', logger='current')
+            if get_rank() == 0:
+                # runs of a suite trained side by side (--jobs) need the same
+                # cache: one builds it while the others wait, then read it
+                with exclusive_lock(path + '.lock'):
+                    if open_valid_cache(path, count, size) is None:
+                        self._build(model, teacher, name, dataset, pack_only,
+                                    batch_size, device, path, count, key,
+                                    cfg['dtype'])
             barrier()
             cache = open_valid_cache(path, count, size)
             if cache is None:
@@ -88,6 +77,25 @@ class TeacherCacheHook(Hook):
             model.set_teacher_cache(name, cache)
             print_log(f'teacher cache {name!r}: {path} ({count}x2x'
                       f'{cache.embedding_size})', logger='current')
+
+    @staticmethod
+    def _build(model, teacher, name, dataset, pack_only, batch_size, device,
+               path, count, key, dtype):
+        t0 = time.time()
+        print_log(f'teacher cache: embedding {count} images and their '
+                  f'mirrors with {name!r} -> {path}', logger='current')
+        info = dict(teacher=name, teacher_type=type(teacher).__name__,
+                    source=getattr(teacher, 'checkpoint', None) or
+                    getattr(teacher, 'file', None),
+                    dataset=type(dataset).__name__, num_samples=count,
+                    batch_size=batch_size, dtype=dtype, key=key,
+                    kdzoo=__version__)
+        build_teacher_cache(
+            teacher, _batches(dataset, pack_only, model.data_preprocessor,
+                              batch_size, device),
+            count, path, dtype=dtype, info=info)
+        print_log(f'teacher cache {name!r}: built in '
+                  f'{time.time() - t0:.1f} s', logger='current')
 
 
 def _check_dataset(dataset) -> None:

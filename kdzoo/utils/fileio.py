@@ -117,3 +117,26 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 22), b''):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if missing).
+
+    Processes (or threads) that open the same lock file wait for each other,
+    so that work on a shared file (building a cache several runs need) is
+    done by one of them while the others wait instead of repeating it. Where
+    ``fcntl`` does not exist (Windows) this does not lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'a+') as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
