@@ -1,7 +1,9 @@
 # Shared by the real-data recipes (recipes/real_faces/): CelebA-299 train,
 # LFW + CFP-FF test (datasets/celeba299_lfw_cfp.py), all at the native
-# 112x112; a MobileFaceNet student of 0.28 M parameters (width 0.35,
-# 128-d) with a CosFace identity head weighted by `model.cls_loss_weight`
+# 112x112; a MobileFaceNet student of 0.295 M parameters (width 0.35,
+# 192-d: the teacher's embedding width, so angular KD compares the
+# student's own embedding with the teacher's, no projector in between) with
+# a CosFace identity head weighted by `model.cls_loss_weight`
 # (a recipe option; 0 trains on the distillation terms alone); batch
 # 128, SGD with a one-epoch warm-up and cosine decay over `max_epochs`
 # (12); and the pretrained ONNX FR teacher from ../shared/teachers
@@ -14,7 +16,7 @@ _base_ = [
 ]
 max_epochs = 12
 student_backbone = dict(type='MobileFaceNet', width_mult=0.35,
-                        embedding_size=128, input_size=(112, 112))
+                        embedding_size=192, input_size=(112, 112))
 model = dict(
     type='FaceDistiller',
     data_preprocessor=dict(type='FaceDataPreprocessor'),
@@ -22,7 +24,7 @@ model = dict(
     student=dict(
         backbone=student_backbone,
         head=dict(type='CosFace', num_classes={{_base_.num_classes}},
-                  embedding_size=128, s=32.0, m=0.35)),
+                  embedding_size=192, s=32.0, m=0.35)),
     teachers=dict(
         teacher_fr=dict(type='OnnxTeacher',
                         file='../shared/teachers/mobilefacenet_sirius.onnx',

@@ -1,6 +1,7 @@
 # Real data, two teachers, final angular KD from both: the sirius ONNX
-# teacher (192-d, projector 128 -> 192) and the faceplugin ONNX teacher
-# (512-d, projector 128 -> 512), both embeddings cached (image and mirror),
+# teacher (192-d, compared with the student's 192-d embedding directly) and
+# the faceplugin ONNX teacher (512-d, through a training-only Linear+BN
+# projector 192 -> 512), both embeddings cached (image and mirror),
 # no identity loss. Each term carries half of angular_kd_no_id.py's weight,
 # so the total distillation weight is the same as with one teacher.
 _base_ = ['./angular_kd_no_id.py']

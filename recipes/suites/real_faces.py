@@ -2,7 +2,7 @@
 # alone and a pretrained teacher (LFW 99.45 %) each KD method closes, on
 # CelebA-299 (train) and LFW + CFP-FF (test: 10-fold accuracy on the
 # official pairs, TAR@FAR over all pairs of their images with identity-
-# bootstrap intervals). Same student (MobileFaceNet, 0.28 M parameters),
+# bootstrap intervals). Same student (MobileFaceNet, 0.295 M parameters),
 # data, 12-epoch schedule, batch 128 and protocol for every student run
 # (recipes/_base_/real_faces.py); teachers are the pretrained ONNX models
 # in ../shared/teachers. Data paths: _base_/datasets/celeba299_lfw_cfp.py.
