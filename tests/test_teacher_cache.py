@@ -204,9 +204,13 @@ def test_distiller_validates_the_cache_config():
     with pytest.raises(ConfigError, match="'teachr' is not a teacher.*"
                        "Did you mean: 'teacher'"):
         _distiller(dict(teachers=['teachr']))
-    with pytest.raises(ConfigError, match="cannot be cached.*loss_at.inputs"
-                       ".t_feat taps 'teacher.stage4'"):
-        _distiller(dict(teachers=['teacher']), stage_tap=True)
+    # a cached teacher's tapped map is cached with it
+    model = _distiller(dict(teachers=['teacher']), stage_tap=True)
+    assert [t.text for t in model.teacher_outputs.cached_taps['teacher']] \
+        == ['teacher.stage4']
+    with pytest.raises(ConfigError, match=r"no cache given for its tapped "
+                       r"feature maps \['teacher.stage4'\]"):
+        model.set_teacher_cache('teacher', object())
     with pytest.raises(ConfigError, match='unknown keys'):
         _distiller(dict(teachers=['teacher'], size=3))
     with pytest.raises(ConfigError, match='dtype'):
@@ -227,9 +231,16 @@ def test_unprepared_cache_is_a_clear_error():
 
 
 # ------------------------------------------------------------ end to end
-def _runner(tmp_path, cache_dir, cached, name):
+_STAGE_LOSS = {'model.distill_losses.loss_at': dict(
+    type='ATLoss', loss_weight=100.0,
+    inputs=dict(s_feat='student.stage4', t_feat='teacher_fr.stage4'))}
+
+
+def _runner(tmp_path, cache_dir, cached, name, stage_tap=False):
     options = tiny_options(cache_dir, epochs=1, test=False, **{
         'model.teachers.teacher_fr.checkpoint': _TEACHER_FILE[0]})
+    if stage_tap:  # a loss on a feature map inside the teacher
+        options.update(_STAGE_LOSS)
     if cached:
         options['model.teacher_cache'] = dict(
             teachers=['teacher_fr'], cache_dir=str(tmp_path / 'tcache'))
@@ -274,14 +285,14 @@ def test_runs_side_by_side_build_the_cache_once(tmp_path, cache_dir,
     import threading
     import kdzoo.engine.teacher_cache_hook as hook_module
     builds = []
-    real_build = hook_module.build_teacher_cache
+    real_build = hook_module.build_teacher_caches
 
     def counted_build(*args, **kwargs):
         builds.append(threading.get_ident())
         time.sleep(0.3)  # long enough for the other run to reach the lock
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(hook_module, 'build_teacher_cache', counted_build)
+    monkeypatch.setattr(hook_module, 'build_teacher_caches', counted_build)
     runners = [_runner(tmp_path, cache_dir, True, f'side{i}')[1]
                for i in range(2)]
     errors = []
@@ -323,12 +334,47 @@ def test_exclusive_lock_makes_the_second_holder_wait(tmp_path):
     thread.join(30)
 
 
-def test_cached_training_equals_online_training(tmp_path, cache_dir):
+def test_cached_feature_maps_equal_the_online_teacher(tmp_path, cache_dir):
+    _, runner = _runner(tmp_path, cache_dir, True, 'maps', stage_tap=True)
+    next(h for h in runner.hooks
+         if type(h).__name__ == 'TeacherCacheHook').before_train(runner)
+    model = runner.model
+    files = sorted(os.path.basename(f) for f in
+                   glob.glob(str(tmp_path / 'tcache' / '*.npy')))
+    # the embedding and the tapped module's output, one file each
+    assert len(files) == 2 and files[0].startswith('teacher_fr.layer4_')
+    teacher = model.teachers['teacher_fr']
+    for batch in runner.train_dataloader:
+        data = model.data_preprocessor(batch, True)
+        served = model.teacher_outputs.outputs(
+            ['teacher_fr'], data['inputs'], data['data_samples'])
+        model.recorder.clear()
+        with torch.no_grad(), model.recorder.recording():
+            online = teacher(data['inputs'])
+        assert torch.equal(served['teacher_fr.embedding'], online)
+        assert torch.equal(served['teacher_fr.stage4'],
+                           model.recorder.get('teacher_fr.stage4'))
+        model.recorder.clear()
+    # a second run reuses both files
+    mtimes = {f: os.path.getmtime(tmp_path / 'tcache' / f) for f in files}
+    _, runner2 = _runner(tmp_path, cache_dir, True, 'maps2', stage_tap=True)
+    next(h for h in runner2.hooks
+         if type(h).__name__ == 'TeacherCacheHook').before_train(runner2)
+    assert {f: os.path.getmtime(tmp_path / 'tcache' / f)
+            for f in files} == mtimes
+
+
+@pytest.mark.parametrize('stage_tap', [False, True],
+                         ids=['embedding', 'feature_map'])
+def test_cached_training_equals_online_training(tmp_path, cache_dir,
+                                                stage_tap):
     """Same seed, same data: the student trained from the cache ends with
-    exactly the weights of the student trained with the teacher online."""
+    exactly the weights of the student trained with the teacher online
+    (with a feature-map term too: its teacher maps come from the cache)."""
     weights = {}
     for cached in (False, True):
-        _, runner = _runner(tmp_path, cache_dir, cached, f'run{cached}')
+        _, runner = _runner(tmp_path, cache_dir, cached, f'run{cached}',
+                            stage_tap)
         runner.train()
         weights[cached] = {k: v.clone() for k, v in
                            runner.model.student.state_dict().items()}

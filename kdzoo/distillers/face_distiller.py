@@ -284,10 +284,12 @@ class FaceDistiller(BaseModel):
         """The checked ``model.teacher_cache`` (``None``: all online)."""
         return self.teacher_outputs.cfg
 
-    def set_teacher_cache(self, name: str, cache) -> None:
+    def set_teacher_cache(self, name: str, cache,
+                          taps: Optional[dict] = None) -> None:
         """Serve teacher ``name``'s embeddings from ``cache`` (a
-        ``TeacherOutputCache`` over the training set) from now on."""
-        self.teacher_outputs.set_cache(name, cache)
+        ``TeacherOutputCache`` over the training set) from now on, and its
+        tapped feature maps from ``taps`` (``{tap text: cache}``)."""
+        self.teacher_outputs.set_cache(name, cache, taps)
 
     @property
     def _used_teachers(self):
@@ -370,6 +372,8 @@ class FaceDistiller(BaseModel):
             return outputs['student.logits']
         if tap.target in ('embedding', 'logits'):
             return outputs[f'{tap.source}.{tap.target}']
+        if tap.text in outputs:  # a cached teacher's feature map
+            return outputs[tap.text]
         value = self.recorder.get(tap.text)
         if value is None:
             raise RuntimeError(

@@ -9,7 +9,7 @@ from mmengine.hooks import Hook
 from mmengine.logging import print_log
 
 from kdzoo.registry import HOOKS
-from kdzoo.teachers.cache import (build_teacher_cache, cache_file_name,
+from kdzoo.teachers.cache import (build_teacher_caches, cache_file_name,
                                   cache_key, dataset_checksum,
                                   default_teacher_cache_dir, open_valid_cache,
                                   teacher_checksum)
@@ -29,7 +29,9 @@ class TeacherCacheHook(Hook):
 
     Embeds the training set (image and mirror) with each listed teacher once,
     at the training batch size, in dataset order, and hands the distiller a
-    memory-mapped cache it reads instead of running the teacher. Files are
+    memory-mapped cache it reads instead of running the teacher; feature
+    maps the losses tap inside a cached teacher (``teacher_fr2.stage3``) are
+    cached in the same pass, one file per tapped module. Files are
     keyed by content (see ``kdzoo.teachers.cache``), so every run that shares
     data and teacher (a whole ``kdzoo compare`` suite) reuses them. With
     several processes, rank 0 builds and the others wait and read.
@@ -61,41 +63,90 @@ class TeacherCacheHook(Hook):
                             cfg['dtype'])
             path = os.path.join(cache_dir, cache_file_name(name, key))
             size = teacher.embedding_size
+            taps = {tap.text: os.path.join(cache_dir, cache_file_name(
+                _tap_file_stem(name, model._module_taps[tap.text],
+                               tap.record_input), key))
+                for tap in model.teacher_outputs.cached_taps.get(name, ())}
+            shapes = _tap_shapes(model, teacher, taps, device) if taps \
+                else {}
+
+            def usable():
+                found = {t: open_valid_cache(p, count, None, shapes[t])
+                         for t, p in taps.items()}
+                found['embedding'] = open_valid_cache(path, count, size)
+                return found
+
             if get_rank() == 0:
                 # runs of a suite trained side by side (--jobs) need the same
                 # cache: one builds it while the others wait, then read it
                 with exclusive_lock(path + '.lock'):
-                    if open_valid_cache(path, count, size) is None:
+                    missing = [k for k, c in usable().items() if c is None]
+                    if missing:
                         self._build(model, teacher, name, dataset, pack_only,
-                                    batch_size, device, path, count, key,
-                                    cfg['dtype'])
+                                    batch_size, device, count, key,
+                                    cfg['dtype'],
+                                    {k: taps.get(k, path) for k in missing})
             barrier()
-            cache = open_valid_cache(path, count, size)
-            if cache is None:
+            found = usable()
+            if any(c is None for c in found.values()):
                 raise ConfigError(f'teacher cache for {name!r} at {path} '
                                   'could not be opened after building it')
-            model.set_teacher_cache(name, cache)
+            cache = found.pop('embedding')
+            model.set_teacher_cache(name, cache, found)
             print_log(f'teacher cache {name!r}: {path} ({count}x2x'
-                      f'{cache.embedding_size})', logger='current')
+                      f'{cache.embedding_size})' + ''.join(
+                          f'; {t}: {found[t].path} ({count}x2x'
+                          f'{"x".join(map(str, found[t].item_shape))})'
+                          for t in found), logger='current')
 
     @staticmethod
     def _build(model, teacher, name, dataset, pack_only, batch_size, device,
-               path, count, key, dtype):
+               count, key, dtype, paths):
         t0 = time.time()
-        print_log(f'teacher cache: embedding {count} images and their '
-                  f'mirrors with {name!r} -> {path}', logger='current')
+        print_log(f'teacher cache: {sorted(paths)} of {count} images and '
+                  f'their mirrors with {name!r} -> '
+                  f'{sorted(paths.values())}', logger='current')
         info = dict(teacher=name, teacher_type=type(teacher).__name__,
                     source=getattr(teacher, 'checkpoint', None) or
                     getattr(teacher, 'file', None),
                     dataset=type(dataset).__name__, num_samples=count,
                     batch_size=batch_size, dtype=dtype, key=key,
                     kdzoo=__version__)
-        build_teacher_cache(
-            teacher, _batches(dataset, pack_only, model.data_preprocessor,
+        taps = [t for t in paths if t != 'embedding']
+
+        def forward(inputs):
+            model.recorder.clear()
+            with model.recorder.recording():
+                out = {'embedding': teacher(inputs)}
+            for t in taps:
+                out[t] = model.recorder.get(t)
+            model.recorder.clear()
+            return out
+
+        build_teacher_caches(
+            forward, _batches(dataset, pack_only, model.data_preprocessor,
                               batch_size, device),
-            count, path, dtype=dtype, info=info)
+            count, paths, dtype=dtype,
+            infos={k: dict(info, output=k) for k in paths})
         print_log(f'teacher cache {name!r}: built in '
                   f'{time.time() - t0:.1f} s', logger='current')
+
+
+def _tap_file_stem(teacher: str, module_path: str, record_input: bool) -> str:
+    """``<teacher>.<module path>[.input]``: a tapped map's cache file."""
+    return f'{teacher}.{module_path}' + ('.input' if record_input else '')
+
+
+def _tap_shapes(model, teacher, taps, device) -> dict:
+    """Each tapped map's per-sample shape, from one pass on zeros."""
+    h, w = model.input_size
+    model.recorder.clear()
+    try:
+        with torch.no_grad(), model.recorder.recording():
+            teacher(torch.zeros(1, 3, h, w, device=device))
+        return {t: tuple(model.recorder.get(t).shape[1:]) for t in taps}
+    finally:
+        model.recorder.clear()
 
 
 def _check_dataset(dataset) -> None:

@@ -6,6 +6,10 @@ sees exactly two versions of each training image. Embedding-level losses
 once per image and flip, not once per step: ``build_teacher_cache`` embeds
 the whole training set (image and mirror) and stores a memory-mapped
 ``(N, 2, D)`` array; training then reads rows by ``(index, flip)``.
+Feature maps a loss taps inside a cached teacher (``teacher.stage3``) are
+stored the same way, one ``(N, 2, C, H, W)`` file per tapped module, filled
+in the same teacher pass, so an attention or feature term does not need the
+teacher online either (at a cost in disk: C*H*W values per image and flip).
 
 The file name is a SHA-256 of the dataset's content (its
 ``content_fingerprint()``: source files' sizes and mtimes, or SynthFaceAge's
@@ -24,7 +28,7 @@ import json
 import os
 import tempfile
 import warnings
-from typing import Iterable, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,7 +38,7 @@ from kdzoo.utils.fileio import kdzoo_cache_dir, new_file_mode
 
 __all__ = ['TeacherOutputCache', 'teacher_checksum', 'dataset_checksum',
            'default_teacher_cache_dir', 'build_teacher_cache',
-           'CACHE_VERSION']
+           'build_teacher_caches', 'CACHE_VERSION']
 
 # Part of every cache key: bump when what is stored changes.
 CACHE_VERSION = 'teacher-cache-1'
@@ -88,7 +92,8 @@ class TeacherOutputCache:
     """A built cache: rows ``(index, flip)`` of a memory-mapped array.
 
     Args:
-        path: the ``.npy`` file (N×2×D; ``[:, 0]`` image, ``[:, 1]`` mirror).
+        path: the ``.npy`` file (N×2×D, or N×2×C×H×W for a tapped feature
+            map; ``[:, 0]`` image, ``[:, 1]`` mirror).
     """
 
     def __init__(self, path: str):
@@ -98,10 +103,10 @@ class TeacherOutputCache:
         except (OSError, ValueError) as e:
             raise DataError(f'{path}: unreadable teacher-output cache '
                             f'({e}); delete it to rebuild') from None
-        if self.array.ndim != 3 or self.array.shape[1] != 2:
+        if self.array.ndim < 3 or self.array.shape[1] != 2:
             raise DataError(f'{path}: teacher-output cache has shape '
-                            f'{self.array.shape}, expected (N, 2, D); '
-                            'delete it to rebuild')
+                            f'{self.array.shape}, expected (N, 2, D) or '
+                            '(N, 2, C, H, W); delete it to rebuild')
 
     def __len__(self) -> int:
         return self.array.shape[0]
@@ -109,6 +114,11 @@ class TeacherOutputCache:
     @property
     def embedding_size(self) -> int:
         return self.array.shape[2]
+
+    @property
+    def item_shape(self) -> Tuple[int, ...]:
+        """The shape of one sample's output (D, or C×H×W)."""
+        return tuple(self.array.shape[2:])
 
     def lookup(self, index: torch.Tensor, flip: torch.Tensor,
                device=None, dtype=torch.float32) -> torch.Tensor:
@@ -142,48 +152,84 @@ def build_teacher_cache(teacher: torch.nn.Module,
         path: the ``.npy`` to write (atomically: temp file, then rename);
             ``info`` goes to a ``.json`` beside it.
     """
+    caches = build_teacher_caches(
+        lambda x: {'embedding': teacher(x)}, batches, num_samples,
+        {'embedding': path}, dtype,
+        None if info is None else {'embedding': info})
+    return caches['embedding']
+
+
+def build_teacher_caches(
+        forward: Callable[[torch.Tensor], Dict[str, torch.Tensor]],
+        batches: Iterator[Tuple[torch.Tensor, int]], num_samples: int,
+        paths: Dict[str, str], dtype: str = 'float32',
+        infos: Optional[Dict[str, dict]] = None
+) -> Dict[str, TeacherOutputCache]:
+    """One teacher pass over every batch and its mirror, several outputs.
+
+    ``forward(inputs)`` returns ``{name: B×...}`` (the embedding and any
+    tapped feature maps); the output ``name`` goes to ``paths[name]``
+    (N×2×..., each written atomically; none is left if any fails) with
+    ``infos[name]`` in a ``.json`` beside it.
+    """
     if dtype not in _DTYPES:
         raise ConfigError(f'teacher_cache.dtype must be one of '
                           f'{sorted(_DTYPES)}, got {dtype!r}')
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-',
-                               suffix='.npy')
-    os.close(fd)
+    temps: Dict[str, str] = {}
+    outs: Dict[str, np.ndarray] = {}
     try:
-        out = None
+        for name, path in paths.items():
+            directory = os.path.dirname(os.path.abspath(path))
+            os.makedirs(directory, exist_ok=True)
+            fd, temps[name] = tempfile.mkstemp(dir=directory, prefix='.tmp-',
+                                               suffix='.npy')
+            os.close(fd)
         filled = 0
         with torch.no_grad():
             for inputs, valid in batches:
-                plain = teacher(inputs)
-                mirror = teacher(torch.flip(inputs, dims=[3]))
-                both = torch.stack([plain, mirror], dim=1)[:valid]
-                if out is None:
-                    out = np.lib.format.open_memmap(
-                        tmp, mode='w+', dtype=_DTYPES[dtype],
-                        shape=(num_samples, 2, both.shape[-1]))
-                out[filled:filled + valid] = both.float().cpu().numpy()
+                plain = forward(inputs)
+                mirror = forward(torch.flip(inputs, dims=[3]))
+                for name in paths:
+                    if name not in plain:
+                        raise DataError(f'teacher-output cache {paths[name]}:'
+                                        f' the teacher pass gave no {name!r}')
+                    both = torch.stack([plain[name], mirror[name]],
+                                       dim=1)[:valid]
+                    if name not in outs:
+                        outs[name] = np.lib.format.open_memmap(
+                            temps[name], mode='w+', dtype=_DTYPES[dtype],
+                            shape=(num_samples,) + tuple(both.shape[1:]))
+                    outs[name][filled:filled + valid] = \
+                        both.float().cpu().numpy()
                 filled += valid
-        if out is None or filled != num_samples:
-            raise DataError(f'teacher-output cache {path}: got {filled} '
-                            f'samples, expected {num_samples}')
-        if not np.isfinite(out).all():
-            raise DataError(f'teacher-output cache {path}: the teacher gave '
-                            'non-finite embeddings; check its weights and '
-                            'input normalisation')
-        out.flush()
-        del out
-        with open(tmp, 'rb+') as f:  # on disk before it is renamed into place
-            os.fsync(f.fileno())
-        os.chmod(tmp, new_file_mode())
-        os.replace(tmp, path)
+        for name, path in paths.items():
+            out = outs.get(name)
+            if out is None or filled != num_samples:
+                raise DataError(f'teacher-output cache {path}: got {filled} '
+                                f'samples, expected {num_samples}')
+            if not np.isfinite(out).all():
+                raise DataError(f'teacher-output cache {path}: the teacher '
+                                'gave non-finite outputs; check its weights '
+                                'and input normalisation')
+            out.flush()
+        outs.clear()
+        for name, path in paths.items():
+            with open(temps[name], 'rb+') as f:  # on disk before the rename
+                os.fsync(f.fileno())
+            os.chmod(temps[name], new_file_mode())
+        for name, path in paths.items():
+            os.replace(temps[name], path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        outs.clear()
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
-    if info is not None:
-        atomic_write_json(os.path.splitext(path)[0] + '.json', info)
-    return TeacherOutputCache(path)
+    for name, path in paths.items():
+        if infos and name in infos:
+            atomic_write_json(os.path.splitext(path)[0] + '.json',
+                              infos[name])
+    return {name: TeacherOutputCache(path) for name, path in paths.items()}
 
 
 def cache_file_name(teacher_name: str, key: str) -> str:
@@ -199,10 +245,13 @@ def cache_key(teacher_sum: str, data_sum: str, batch_size: int,
 
 
 def open_valid_cache(path: str, num_samples: int,
-                     embedding_size: Optional[int]) -> Optional[
-                         TeacherOutputCache]:
-    """The cache at ``path`` if it matches, else ``None`` (with a warning
-    when a file exists but is unusable, so it is rebuilt)."""
+                     embedding_size: Optional[int],
+                     item_shape: Optional[Tuple[int, ...]] = None
+                     ) -> Optional[TeacherOutputCache]:
+    """The cache at ``path`` if it matches (``num_samples`` rows of
+    ``embedding_size``, or of ``item_shape`` for a feature map), else
+    ``None`` (with a warning when a file exists but is unusable, so it is
+    rebuilt)."""
     if not os.path.isfile(path):
         return None
     try:
@@ -210,7 +259,14 @@ def open_valid_cache(path: str, num_samples: int,
     except DataError as e:
         warnings.warn(f'{e}; rebuilding it')
         return None
-    if len(cache) != num_samples or (
+    if item_shape is not None:
+        if len(cache) != num_samples or cache.item_shape != tuple(item_shape):
+            warnings.warn(f'{path}: teacher-output cache holds {len(cache)}x'
+                          f'{cache.item_shape}, expected {num_samples}x'
+                          f'{tuple(item_shape)}; rebuilding it')
+            return None
+        return cache
+    if len(cache) != num_samples or cache.array.ndim != 3 or (
             embedding_size and cache.embedding_size != embedding_size):
         warnings.warn(f'{path}: teacher-output cache holds {len(cache)}x'
                       f'{cache.embedding_size}, expected {num_samples}x'

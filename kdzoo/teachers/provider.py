@@ -2,7 +2,7 @@
 rows of the teacher-output cache (``TeacherOutputCache``) built before
 training. One object answers both, so the model's data path asks for "the
 embedding of teacher T on this batch" and never for how it is made."""
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -23,29 +23,46 @@ class TeacherOutputs:
             cache_dir=None, dtype='float32')`` or ``None`` (all online).
         used: the teachers the losses read ('all' means these).
         module_taps: ``(loss name, argument, tap)`` of every binding that
-            taps a module inside a network: a teacher tapped so cannot be
-            cached (the cache holds embeddings only).
+            taps a module inside a network: a cached teacher's tapped
+            feature maps are cached with its embeddings (see
+            :attr:`cached_taps`).
     """
 
     def __init__(self, teachers: nn.ModuleDict, cache_cfg: Optional[dict],
                  used: Sequence[str],
                  module_taps: Iterable[Tuple[str, str, object]] = ()):
         self.teachers = teachers
-        self.cfg = _check_cache_cfg(cache_cfg, teachers, used,
-                                    list(module_taps))
+        self.cfg = _check_cache_cfg(cache_cfg, teachers, used)
         self._caches: Dict[str, object] = {}
+        self._tap_caches: Dict[str, Dict[str, object]] = {}
+        self.cached_taps: Dict[str, List[object]] = {}
+        for _loss, _arg, tap in module_taps:
+            if tap.source in self.cached:
+                taps = self.cached_taps.setdefault(tap.source, [])
+                if all(t.text != tap.text for t in taps):
+                    taps.append(tap)
 
     @property
     def cached(self) -> Tuple[str, ...]:
         """The teachers served from the cache during training."""
         return tuple(self.cfg['teachers']) if self.cfg else ()
 
-    def set_cache(self, name: str, cache) -> None:
+    def set_cache(self, name: str, cache, taps: Optional[dict] = None
+                  ) -> None:
         """Serve teacher ``name``'s embeddings from ``cache`` (a
-        ``TeacherOutputCache`` over the training set) from now on."""
+        ``TeacherOutputCache`` over the training set) from now on, and its
+        tapped feature maps from ``taps`` (``{tap text: cache}``, one for
+        each of :attr:`cached_taps`)."""
         if name not in self.cached:
             raise ConfigError(f'teacher {name!r} is not in {_WHERE}.teachers')
+        taps = dict(taps or {})
+        missing = [t.text for t in self.cached_taps.get(name, ())
+                   if t.text not in taps]
+        if missing:
+            raise ConfigError(f'teacher {name!r}: no cache given for its '
+                              f'tapped feature maps {missing}')
         self._caches[name] = cache
+        self._tap_caches[name] = taps
 
     def embedding(self, name: str, inputs: torch.Tensor, data: dict,
                   use_cache: bool = True) -> torch.Tensor:
@@ -71,19 +88,27 @@ class TeacherOutputs:
     def outputs(self, names: Sequence[str], inputs: torch.Tensor, data: dict,
                 use_cache: bool = True) -> Dict[str, torch.Tensor]:
         """``{'<name>.embedding': ..., '<name>.logits': ...}`` for each
-        teacher in ``names`` (logits where the teacher has a head)."""
+        teacher in ``names`` (logits where the teacher has a head), plus a
+        cached teacher's tapped feature maps under their tap text
+        (``'<name>.stage3'``); an online teacher's maps are recorded by the
+        distiller's taps instead."""
         out = {}
         for name in names:
             emb = self.embedding(name, inputs, data, use_cache)
             out[f'{name}.embedding'] = emb
+            if use_cache and name in self.cached:
+                for text, cache in self._tap_caches.get(name, {}).items():
+                    out[text] = cache.lookup(data['index'], data['flip'],
+                                             device=inputs.device,
+                                             dtype=inputs.dtype)
             teacher = self.teachers[name]
             if teacher.head is not None:
                 out[f'{name}.logits'] = teacher.logits(emb)
         return out
 
 
-def _check_cache_cfg(cfg: Optional[dict], teachers, used: Sequence[str],
-                     module_taps) -> Optional[dict]:
+def _check_cache_cfg(cfg: Optional[dict], teachers,
+                     used: Sequence[str]) -> Optional[dict]:
     if not cfg:
         return None
     if not isinstance(cfg, dict):
@@ -104,14 +129,6 @@ def _check_cache_cfg(cfg: Optional[dict], teachers, used: Sequence[str],
             raise ConfigError(f'{_WHERE}.teachers: {name!r} is not a '
                               f'teacher; teachers: {list(teachers)}'
                               + did_you_mean(str(name), teachers))
-        for loss_name, arg, tap in module_taps:
-            if tap.source == name:
-                raise ConfigError(
-                    f'{_WHERE}.teachers: {name!r} cannot be cached: '
-                    f'model.distill_losses.{loss_name}.inputs.{arg} taps '
-                    f'{tap.text!r}, a feature map the cache does not hold '
-                    f'(it stores embeddings). Remove {name!r} from the '
-                    'cached teachers')
     dtype = cfg.get('dtype', 'float32')
     if dtype not in ('float32', 'float16'):
         raise ConfigError(f"{_WHERE}.dtype must be 'float32' or 'float16', "
