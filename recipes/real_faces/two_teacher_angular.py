@@ -3,7 +3,8 @@
 # the faceplugin ONNX teacher (512-d, through a training-only Linear+BN
 # projector 192 -> 512), both embeddings cached (image and mirror),
 # no identity loss. Each term carries half of angular_kd_no_id.py's weight,
-# so the total distillation weight is the same as with one teacher.
+# so the total distillation weight is the same as with one teacher
+# (32 each: the best of the suite's search over 2, 8, 32).
 _base_ = ['./angular_kd_no_id.py']
 model = dict(
     teachers=dict(
@@ -14,9 +15,9 @@ model = dict(
     connectors=dict(
         proj_fr2=dict(type='LinearProjector', out_features=512)),
     distill_losses=dict(
-        loss_ang=dict(loss_weight=8.0),
+        loss_ang=dict(loss_weight=32.0),
         loss_ang2=dict(
-            type='AngularDistillationLoss', p=2, loss_weight=8.0,
+            type='AngularDistillationLoss', p=2, loss_weight=32.0,
             inputs=dict(s_emb=dict(tap='student.embedding',
                                    connector='proj_fr2'),
                         t_emb='teacher_fr2.embedding'))))
