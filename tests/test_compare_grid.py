@@ -142,3 +142,64 @@ def test_missing_selection_metric_names_the_run_and_the_fix(tmp_path,
     with pytest.raises(ConfigError, match=r"grid run 'kd@loss_weight=1.0' "
                        r"has no 'lfw/accuracy'.*set grid.select"):
         run_grid(suite, work_dir=str(tmp_path / 'w'))
+
+
+@pytest.fixture
+def trained_with_replicates(monkeypatch):
+    """As ``trained``, and each run writes bootstrap replicates of the
+    selection metric: its value plus independent noise (sd 1e-3), so that
+    points 0.019 apart are told apart and equal points are not."""
+    import zlib
+
+    import numpy as np
+
+    def train(cfg):
+        record = stub_record(cfg)
+        os.makedirs(cfg.work_dir, exist_ok=True)
+        rng = np.random.default_rng(zlib.crc32(cfg.experiment_name.encode()))
+        np.savez(os.path.join(cfg.work_dir, 'bootstrap.npz'), **{
+            SELECT: record['metrics'][SELECT] + rng.normal(0, 1e-3, 1000)})
+        return record
+    monkeypatch.setattr(jobs_mod, 'train_recipe', train)
+
+
+def test_grid_gives_paired_differences_and_flags_a_choice_at_its_edge(
+        tmp_path, trained_with_replicates):
+    # kd: 1, 4, 16 around the peak at 4 (interior choice); kd_no_id:
+    # 1 and 2, below the peak, so 2 wins at the grid's end
+    src = SUITE.replace(
+        "kd_no_id=[{" + repr(WEIGHT) + ": 2.0}, {" + repr(WEIGHT) +
+        ": 8.0}]", "kd_no_id={" + repr(WEIGHT) + ": [1.0, 2.0]}")
+    suite = write_suite(tmp_path / 's.py', src)
+    rows = {r['run']: r for r in run_grid(suite,
+                                          work_dir=str(tmp_path / 'w'))}
+    kd = {p['point'][WEIGHT]: p for p in rows['kd']['points']}
+    assert kd[4.0]['vs_chosen'] is None
+    for w in (1.0, 16.0):
+        d = kd[w]['vs_chosen']
+        # 0.01 * ln(4)^2 below the peak
+        assert d['diff'] == pytest.approx(0.01 * math.log(4) ** 2,
+                                          abs=1e-12)
+        assert d['verdict'] == 'better' and d['ci95'][0] > 0
+    assert not rows['kd']['at_edge']
+    assert rows['kd_no_id']['chosen'] == {WEIGHT: 2.0}
+    assert rows['kd_no_id']['at_edge']
+    md = open(tmp_path / 'w' / 'grid' / 'grid.md').read()
+    assert 'better than the next point (the best value may lie beyond; ' \
+        'extend the grid there): kd_no_id.' in md
+    (row,) = [ln for ln in md.splitlines()
+              if ln.startswith('| kd | loss_weight=16.0 |')]
+    assert '+0.0192 [' in row and 'better' in row
+
+
+def test_a_choice_at_the_edge_no_better_than_its_neighbour_is_not_flagged(
+        tmp_path, trained_with_replicates):
+    # 2 and 8 lie equally far from the peak in log weight: equal metrics,
+    # the first wins, and the validation split cannot tell them apart
+    suite = write_suite(tmp_path / 's.py', SUITE)
+    rows = {r['run']: r for r in run_grid(suite,
+                                          work_dir=str(tmp_path / 'w'))}
+    (other,) = [p for p in rows['kd_no_id']['points']
+                if p['vs_chosen'] is not None]
+    assert other['vs_chosen']['verdict'] == 'not distinguishable'
+    assert not rows['kd_no_id']['at_edge']

@@ -28,7 +28,12 @@ so the grid's ``comparison.md`` carries intervals too.
 The choice per run is the point with the highest mean ``select``; it is
 written to ``grid.md`` / ``grid.json`` beside the value the suite runs
 with now (its recipe and ``cfg_options``), so that a suite records both
-the grid and the choice, and a stale choice shows.
+the grid and the choice, and a stale choice shows. Each other point
+carries its paired difference to the choice (same bootstrap draws and
+seeds, as ``kdzoo compare``'s differences), so a reader sees which
+points the validation split can tell apart; a choice at either end of
+its run's points that is better than its neighbour is flagged: the best
+value may lie beyond the grid, which should then be extended there.
 """
 import copy
 import itertools
@@ -39,6 +44,8 @@ from typing import Dict, List, Optional
 
 from mmengine.config import Config
 
+from kdzoo.evaluation.significance import (METHOD_NOTE, VERDICTS,
+                                          run_difference)
 from kdzoo.utils import ConfigError, atomic_write_json, atomic_write_text
 
 __all__ = ['grid_points', 'grid_suite', 'run_grid']
@@ -147,9 +154,12 @@ def _current_value(run: dict, key: str, path: str):
 
 
 def choose(plan: List[dict], entries: List[dict], select: str,
-           path: str) -> List[dict]:
+           path: str, records: Optional[List[dict]] = None) -> List[dict]:
     """One row per grid run: its points with mean ``select`` (and 95 %
-    interval where known) and the chosen point."""
+    interval where known) and the chosen point; with the per-seed
+    ``records``, each other point's paired difference chosen - point
+    (``vs_chosen``) and ``at_edge`` (the choice is the first or last
+    point and better than its neighbour)."""
     by_name = {e['name']: e for e in entries}
     rows: Dict[str, dict] = {}
     for item in plan:
@@ -166,9 +176,22 @@ def choose(plan: List[dict], entries: List[dict], select: str,
             point=item['point'], name=item['name'],
             value=metrics[select],
             ci95=(entry.get('ci95') or {}).get(select)))
+    groups: Dict[str, List[dict]] = {}
+    for r in records or []:
+        groups.setdefault(r.get('name'), []).append(r)
     for row in rows.values():
-        best = max(row['points'], key=lambda p: p['value'])
+        points = row['points']
+        best = max(points, key=lambda p: p['value'])
         row['chosen'] = best['point']
+        for p in points:
+            p['vs_chosen'] = None if p is best or not groups else \
+                run_difference(groups.get(best['name'], []),
+                               groups.get(p['name'], []), select)
+        i = points.index(best)
+        ends = [j for j in (i - 1, i + 1) if 0 <= j < len(points)]
+        row['at_edge'] = len(points) > 1 and i in (0, len(points) - 1) \
+            and all((points[j]['vs_chosen'] or {}).get('verdict')
+                    == VERDICTS[0] for j in ends)
     return list(rows.values())
 
 
@@ -178,8 +201,9 @@ def grid_markdown(rows: List[dict], select: str, suite: Config,
     lines = [f'# Loss-weight grid of `{path}`', '',
              f'Chosen per run: the point with the highest `{select}` '
              '(validation split; mean over seeds, 95 % interval).', '',
-             '| run | point | ' + select + ' | chosen | the suite runs |',
-             '|---|---|---|---|---|']
+             '| run | point | ' + select + ' | chosen − point '
+             '(paired) | chosen | the suite runs |',
+             '|---|---|---|---|---|---|']
     for row in rows:
         for p in row['points']:
             ci = p['ci95']
@@ -190,13 +214,23 @@ def grid_markdown(rows: List[dict], select: str, suite: Config,
                 current = _current_value(by_name[row['run']], key, path)
                 now.append('?' if current is _UNSET else str(current))
             chosen = 'yes' if p['point'] == row['chosen'] else ''
+            diff = p.get('vs_chosen')
+            diff = '' if not diff else (
+                f'{diff["diff"]:+.4f} [{diff["ci95"][0]:+.4f}, '
+                f'{diff["ci95"][1]:+.4f}] {diff["verdict"]}')
             lines.append(f'| {row["run"]} | {point_label(p["point"])} | '
-                         f'{value} | {chosen} | {", ".join(now)} |')
+                         f'{value} | {diff} | {chosen} | '
+                         f'{", ".join(now)} |')
     stale = [row['run'] for row in rows if any(
         _current_value(by_name[row['run']], k, path) != v
         for k, v in row['chosen'].items())]
+    edge = [row['run'] for row in rows if row.get('at_edge')]
     lines += ['', 'Runs whose suite value differs from the choice: '
-              + (', '.join(stale) if stale else 'none') + '.', '']
+              + (', '.join(stale) if stale else 'none') + '.', '',
+              'Chosen at an end of the grid and better than the next '
+              'point (the best value may lie beyond; extend the grid '
+              'there): ' + (', '.join(edge) if edge else 'none') + '.', '',
+              METHOD_NOTE + '.', '']
     return '\n'.join(lines)
 
 
@@ -209,9 +243,10 @@ def run_grid(path: str, work_dir: Optional[str] = None, **kwargs) -> list:
     derived = grid_suite(suite, path, work_dir)
     run_suite(path, work_dir=derived.work_dir, suite=derived, **kwargs)
     with open(os.path.join(derived.work_dir, 'comparison.json')) as f:
-        entries = json.load(f)['aggregate']
+        comparison = json.load(f)
     select = derived.grid_select
-    rows = choose(derived.grid_plan, entries, select, path)
+    rows = choose(derived.grid_plan, comparison['aggregate'], select, path,
+                  comparison.get('runs'))
     md = grid_markdown(rows, select, suite, path)
     atomic_write_text(os.path.join(derived.work_dir, 'grid.md'), md)
     atomic_write_json(os.path.join(derived.work_dir, 'grid.json'),

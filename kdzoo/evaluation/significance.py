@@ -26,7 +26,7 @@ import numpy as np
 from .bootstrap import percentile_interval
 
 __all__ = ['load_samples', 'mean_interval', 'paired_difference',
-           'add_intervals', 'METHOD_NOTE', 'VERDICTS']
+           'add_intervals', 'run_difference', 'METHOD_NOTE', 'VERDICTS']
 
 VERDICTS = ('better', 'worse', 'not distinguishable')
 METHOD_NOTE = (
@@ -118,19 +118,35 @@ def add_intervals(entries: List[dict], records: Sequence[dict],
                 continue
             diffs = {}
             for key in keys:
-                a = _by_seed(rs, samples, key)
-                b = _by_seed(groups[against], samples, key)
-                common = [s for s in a if s in b]
-                if len(b) == 1 and len(common) < len(a):
-                    # trained once (e.g. shared by every seed): pair it
-                    # with each of A's seeds
-                    only = next(iter(b.values()))
-                    b = {s: only for s in a}
-                    common = list(a)
-                if not common:
-                    continue
-                diffs[key] = paired_difference(
-                    [a[s][0] for s in common], [b[s][0] for s in common],
-                    [a[s][1] for s in common], [b[s][1] for s in common])
+                diff = _difference(rs, groups[against], samples, key)
+                if diff is not None:
+                    diffs[key] = diff
             if diffs:
                 e['differences'][against] = diffs
+
+
+def _difference(a_records, b_records, samples, key):
+    a = _by_seed(a_records, samples, key)
+    b = _by_seed(b_records, samples, key)
+    common = [s for s in a if s in b]
+    if len(b) == 1 and len(common) < len(a):
+        # trained once (e.g. shared by every seed): pair it with each of
+        # A's seeds
+        only = next(iter(b.values()))
+        b = {s: only for s in a}
+        common = list(a)
+    if not common:
+        return None
+    return paired_difference(
+        [a[s][0] for s in common], [b[s][0] for s in common],
+        [a[s][1] for s in common], [b[s][1] for s in common])
+
+
+def run_difference(a_records: Sequence[dict], b_records: Sequence[dict],
+                   key: str) -> Optional[dict]:
+    """Paired difference A - B of ``key`` between two runs given by their
+    per-seed records (as ``comparison.json``'s ``runs``), or None where
+    either has no bootstrap replicates of it."""
+    samples = {id(r): load_samples(r)
+               for r in list(a_records) + list(b_records)}
+    return _difference(a_records, b_records, samples, key)

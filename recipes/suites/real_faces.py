@@ -12,8 +12,12 @@
 # the 299 training identities for 6 epochs and chosen by TAR@FAR=1e-3 over
 # all pairs of the 50 held out (never on LFW/CFP):
 #   kdzoo compare recipes/suites/real_faces.py --grid --jobs 2 --threads 1
-# writes work_dirs/real_faces/grid/grid.md (each point, its interval, the
-# choice and what the runs below use).
+# writes work_dirs/real_faces/grid/grid.md (each point, its interval, its
+# paired difference to the choice, the choice and what the runs below use).
+# Every run starts from the same three values; a run whose choice lands at
+# the grid's end and beats its neighbour (grid.md flags it) gets the next
+# value beyond that end, as the angular runs did (a fourth value, 256 and
+# 128 per teacher).
 work_dir = 'work_dirs/real_faces'
 runs = [
     # The teacher's own row (pretrained, no training) is optional: on a
@@ -60,9 +64,10 @@ grid = dict(
             image_size=112, pipeline=[dict(type='PackFaceInputs')], **_val),
     },
     runs=dict(
-        angular_kd={_ang: [4.0, 16.0, 64.0]},
-        angular_kd_no_id={_ang: [4.0, 16.0, 64.0]},
-        two_teacher_angular=[{_ang: w, _ang2: w} for w in (2.0, 8.0, 32.0)],
+        angular_kd={_ang: [4.0, 16.0, 64.0, 256.0]},
+        angular_kd_no_id={_ang: [4.0, 16.0, 64.0, 256.0]},
+        two_teacher_angular=[{_ang: w, _ang2: w}
+                             for w in (2.0, 8.0, 32.0, 128.0)],
         liaad=[{_att.format(3): w, _att.format(4): w}
                for w in (100.0, 1000.0, 10000.0)],
         rkd=[{_rkd + 'w_dist': 25.0 * f, _rkd + 'w_angle': 50.0 * f}
