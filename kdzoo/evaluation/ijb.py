@@ -24,8 +24,8 @@ The two per-image files list the same images in the same order. Pipeline:
    kdzoo's threshold rule (:func:`kdzoo.evaluation.verification.tar_at_far`:
    accept scores strictly above the (k+1)-th largest negative score,
    k = floor(FAR * negatives), so the achieved FAR never exceeds the target)
-   instead of insightface's nearest ROC point; ROC AUC and a TAR-vs-FAR
-   curve for plots.
+   instead of insightface's nearest ROC point, reported where k >= 10 (as
+   every TAR@FAR kdzoo reports); ROC AUC and a TAR-vs-FAR curve for plots.
 
 Pure functions (meta parsing, alignment, pooling, scoring) are separate from
 :func:`evaluate_ijb`, which reads images, runs the model and writes results.
@@ -41,6 +41,7 @@ import torch
 from kdzoo.utils import (ConfigError, DataError, atomic_write_bytes,
                          atomic_write_json, did_you_mean)
 
+from .all_pairs import MIN_FALSE_ACCEPTS
 from .verification import far_key, l2_normalize, roc_auc, tar_at_far
 
 __all__ = [
@@ -378,22 +379,28 @@ def pair_scores(template_ids, template_feats, pairs) -> np.ndarray:
 
 
 # ------------------------------------------------------------------- metrics
-def ijb_tar_table(scores, labels, fars: Sequence[float] = IJB_FARS
+def ijb_tar_table(scores, labels, fars: Sequence[float] = IJB_FARS,
+                  min_false_accepts: int = MIN_FALSE_ACCEPTS
                   ) -> Dict[str, Optional[float]]:
     """``{far_key(far): TAR}`` by :func:`verification.tar_at_far`; None
-    where ``far * negatives < 1`` (too few negative pairs to measure)."""
-    tars = tar_at_far(scores, labels, fars)
+    where ``far * negatives < min_false_accepts`` (kdzoo's rule for every
+    TAR@FAR it reports: at least 10 impostor pairs above the threshold, so
+    no TAR rests on a handful of scores; IJB-C's 15.7M negatives support
+    1e-6, IJB-B's 8.0M stop at 1e-5)."""
+    tars = tar_at_far(scores, labels, fars, min_false_accepts)
     return {far_key(f): tars.get(float(f)) for f in fars}
 
 
 def ijb_roc(scores, labels, points_per_decade: int = 10,
-            min_far: float = 1e-6) -> Dict[str, List[float]]:
+            min_far: float = 1e-6,
+            min_false_accepts: int = MIN_FALSE_ACCEPTS
+            ) -> Dict[str, List[float]]:
     """TAR on a log-spaced FAR grid from ``min_far`` to 1 (the points the
     negative count supports), same rule as :func:`ijb_tar_table`: a compact
     ROC for plots (IJB-C has 15.7M pairs; the full curve is not stored)."""
     decades = round(-math.log10(min_far))
     grid = np.logspace(-decades, 0, decades * points_per_decade + 1)
-    tars = tar_at_far(scores, labels, grid)
+    tars = tar_at_far(scores, labels, grid, min_false_accepts)
     return dict(far=list(tars), tar=list(tars.values()))
 
 
@@ -517,7 +524,8 @@ def evaluate_ijb(model_or_embed_fn: Union[torch.nn.Module, Callable],
         positive_pairs=n_pos, negative_pairs=len(scores) - n_pos,
         settings=dict(flip=flip, use_detector_score=use_detector_score,
                       use_norm_score=use_norm_score, mean=mean, std=std,
-                      aligned_size=ALIGNED_SIZE),
+                      aligned_size=ALIGNED_SIZE,
+                      min_false_accepts=MIN_FALSE_ACCEPTS),
         roc=ijb_roc(scores, meta.labels))
     _print(target, entry)
     if out:
