@@ -2,6 +2,7 @@
 the teacher online."""
 import glob
 import os
+import re
 import time
 
 import numpy as np
@@ -362,6 +363,18 @@ def test_cached_feature_maps_equal_the_online_teacher(tmp_path, cache_dir):
          if type(h).__name__ == 'TeacherCacheHook').before_train(runner2)
     assert {f: os.path.getmtime(tmp_path / 'tcache' / f)
             for f in files} == mtimes
+
+
+def test_tapped_map_file_names_are_plain_and_distinct():
+    from kdzoo.engine.teacher_cache_hook import _tap_file_stem
+    assert _tap_file_stem('t', 'model.layer4', False) == 't.model.layer4'
+    assert _tap_file_stem('t', 'model.layer4', True) == 't.model.layer4.input'
+    # ONNX node names hold '/': no sub-folders, and no clash with the
+    # name they are flattened to
+    slashed = _tap_file_stem('t', 'model.Net/Conv2d_4/Add', False)
+    assert re.fullmatch(r't\.model\.Net_Conv2d_4_Add-[0-9a-f]{8}', slashed)
+    assert slashed != _tap_file_stem('t', 'model.Net_Conv2d_4_Add', False)
+    assert slashed != _tap_file_stem('t', 'model.Net/Conv2d_4/Add', True)
 
 
 @pytest.mark.parametrize('stage_tap', [False, True],

@@ -1,5 +1,7 @@
 """Prepare the distiller's teacher-output caches before training starts."""
+import hashlib
 import os
+import re
 import time
 
 import torch
@@ -133,8 +135,15 @@ class TeacherCacheHook(Hook):
 
 
 def _tap_file_stem(teacher: str, module_path: str, record_input: bool) -> str:
-    """``<teacher>.<module path>[.input]``: a tapped map's cache file."""
-    return f'{teacher}.{module_path}' + ('.input' if record_input else '')
+    """``<teacher>.<module path>[.input]``: a tapped map's cache file.
+    Characters a file name cannot hold safely (ONNX graphs name nodes like
+    ``MobileFaceNet/Conv2d_4/Add``) become ``_``, and the path's hash is
+    appended so that two paths never share a file."""
+    stem = f'{teacher}.{module_path}' + ('.input' if record_input else '')
+    safe = re.sub(r'[^A-Za-z0-9_.+-]', '_', stem)
+    if safe != stem:
+        safe += '-' + hashlib.sha256(stem.encode()).hexdigest()[:8]
+    return safe
 
 
 def _tap_shapes(model, teacher, taps, device) -> dict:

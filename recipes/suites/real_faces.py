@@ -30,6 +30,8 @@ runs = [
     dict(name='student_alone', recipe='../real_faces/student_alone.py'),
     dict(name='angular_kd_no_id', recipe='../real_faces/angular_kd_no_id.py'),
     dict(name='liaad', recipe='../real_faces/liaad.py'),
+    dict(name='angular_attention',
+         recipe='../real_faces/angular_attention.py'),
     dict(name='two_teacher_angular',
          recipe='../real_faces/two_teacher_angular.py'),
     dict(name='angular_kd', recipe='../real_faces/angular_kd.py'),
@@ -70,6 +72,8 @@ grid = dict(
                              for w in (2.0, 8.0, 32.0, 128.0)],
         liaad=[{_att.format(3): w, _att.format(4): w}
                for w in (100.0, 1000.0, 10000.0)],
+        angular_attention=[{_att.format(3): w, _att.format(4): w}
+                           for w in (100.0, 1000.0, 10000.0)],
         rkd=[{_rkd + 'w_dist': 25.0 * f, _rkd + 'w_angle': 50.0 * f}
              for f in (0.2, 1.0, 5.0)],
         ekd={'model.distill_losses.loss_ekd.loss_weight': [0.25, 1.0, 4.0]},
