@@ -10,7 +10,7 @@ def _gflops(n: int) -> str:
 
 
 def print_report(record: dict) -> None:
-    """The results table, the issue's targets and the FLOP expectation."""
+    """The results table, the speed targets and the FLOP expectation."""
     from rich.table import Table
     from kdzoo.utils.console import console as rich_console
     console = rich_console()
