@@ -32,8 +32,9 @@ the grid and the choice, and a stale choice shows. Each other point
 carries its paired difference to the choice (same bootstrap draws and
 seeds, as ``kdzoo compare``'s differences), so a reader sees which
 points the validation split can tell apart; a choice at either end of
-its run's points that is better than its neighbour is flagged: the best
-value may lie beyond the grid, which should then be extended there.
+its run's values (one weight, or weights scaled together) that is better
+than the next value is flagged: the best value may lie beyond the grid,
+which should then be extended there.
 """
 import copy
 import itertools
@@ -158,8 +159,10 @@ def choose(plan: List[dict], entries: List[dict], select: str,
     """One row per grid run: its points with mean ``select`` (and 95 %
     interval where known) and the chosen point; with the per-seed
     ``records``, each other point's paired difference chosen - point
-    (``vs_chosen``) and ``at_edge`` (the choice is the first or last
-    point and better than its neighbour)."""
+    (``vs_chosen``) and ``at_edge``: True when the choice is the smallest
+    or largest point and better than the next point in value, False when
+    not, None when that cannot be told (points that do not lie on one
+    axis, or no bootstrap replicates)."""
     by_name = {e['name']: e for e in entries}
     rows: Dict[str, dict] = {}
     for item in plan:
@@ -187,12 +190,43 @@ def choose(plan: List[dict], entries: List[dict], select: str,
             p['vs_chosen'] = None if p is best or not groups else \
                 run_difference(groups.get(best['name'], []),
                                groups.get(p['name'], []), select)
-        i = points.index(best)
-        ends = [j for j in (i - 1, i + 1) if 0 <= j < len(points)]
-        row['at_edge'] = len(points) > 1 and i in (0, len(points) - 1) \
-            and all((points[j]['vs_chosen'] or {}).get('verdict')
-                    == VERDICTS[0] for j in ends)
+        row['at_edge'] = _at_edge(points, best)
     return list(rows.values())
+
+
+def _on_one_axis(points: List[dict]) -> Optional[List[dict]]:
+    """The points ordered along their one axis (every key's values
+    strictly monotone in the first key's: one weight, or weights scaled
+    together), or None (a product of keys, repeated or non-numeric
+    values)."""
+    keys = list(points[0]['point'])
+    if any(list(p['point']) != keys for p in points):
+        return None
+    try:
+        order = sorted(points, key=lambda p: float(p['point'][keys[0]]))
+        columns = [[float(p['point'][k]) for p in order] for k in keys]
+    except (TypeError, ValueError):
+        return None
+    for col in columns:  # each strictly monotone along the first key
+        steps = [b - a for a, b in zip(col, col[1:])]
+        if not (all(d > 0 for d in steps) or all(d < 0 for d in steps)):
+            return None
+    return order
+
+
+def _at_edge(points: List[dict], best: dict) -> Optional[bool]:
+    if len(points) < 2:
+        return False
+    order = _on_one_axis(points)
+    if order is None:
+        return None
+    i = order.index(best)
+    if i not in (0, len(order) - 1):
+        return False
+    nxt = order[1] if i == 0 else order[-2]
+    if nxt['vs_chosen'] is None:
+        return None
+    return nxt['vs_chosen']['verdict'] == VERDICTS[0]
 
 
 def grid_markdown(rows: List[dict], select: str, suite: Config,
@@ -225,11 +259,15 @@ def grid_markdown(rows: List[dict], select: str, suite: Config,
         _current_value(by_name[row['run']], k, path) != v
         for k, v in row['chosen'].items())]
     edge = [row['run'] for row in rows if row.get('at_edge')]
+    unknown = [row['run'] for row in rows if row.get('at_edge') is None]
     lines += ['', 'Runs whose suite value differs from the choice: '
               + (', '.join(stale) if stale else 'none') + '.', '',
-              'Chosen at an end of the grid and better than the next '
-              'point (the best value may lie beyond; extend the grid '
-              'there): ' + (', '.join(edge) if edge else 'none') + '.', '',
+              'Chosen at the smallest or largest value of the grid and '
+              'better than the next value (the best may lie beyond; extend '
+              'the grid there): ' + (', '.join(edge) if edge else 'none')
+              + '.' + (f' Not known for {", ".join(unknown)} (points on '
+                       'more than one axis, or no bootstrap replicates).'
+                       if unknown else ''), '',
               METHOD_NOTE + '.', '']
     return '\n'.join(lines)
 
