@@ -385,7 +385,7 @@ def ijb_tar_table(scores, labels, fars: Sequence[float] = IJB_FARS,
     """``{far_key(far): TAR}`` by :func:`verification.tar_at_far`; None
     where ``far * negatives < min_false_accepts`` (kdzoo's rule for every
     TAR@FAR it reports: at least 10 impostor pairs above the threshold, so
-    no TAR rests on a handful of scores; IJB-C's 15.7M negatives support
+    no TAR rests on a handful of scores; IJB-C's 15.6M negatives support
     1e-6, IJB-B's 8.0M stop at 1e-5)."""
     tars = tar_at_far(scores, labels, fars, min_false_accepts)
     return {far_key(f): tars.get(float(f)) for f in fars}

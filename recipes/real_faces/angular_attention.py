@@ -3,9 +3,10 @@
 # teacher's stage-3 and stage-4 maps (14x14 and 7x7, the outputs of its
 # last residual blocks there, found in its converted graph) to the
 # student's stages 3 and 4 (channel mean of |F|^2, L2-normalised, as in
-# liaad.py). It separates LIAAD's attention term from its second teacher:
-# liaad.py takes both the attention maps and a second final angular term
-# from the faceplugin teacher. The teacher's maps are cached with its
+# liaad.py). Beside liaad.py, which takes attention maps and a second
+# final angular term from the faceplugin teacher, it asks whether
+# attention transfer helps without a second teacher (it is not LIAAD's
+# term itself: the maps here are the sirius teacher's). The teacher's maps are cached with its
 # embeddings (about 1.6 GB in float32 for CelebA-299), so no teacher runs
 # during training; tapping stages makes the ONNX teacher run in PyTorch
 # (onnx2torch) while the cache is built.

@@ -5,7 +5,8 @@
 # compared directly: with a Linear+BN projector 128 -> 192 in between, the
 # same run reached LFW 88.9 % instead of 90.7 % (docs/results/real_faces.md).
 # Teacher embeddings (image and mirror) from the teacher-output cache.
-# Weight 64: the best of the suite's search over 4, 16, 64 (grid below).
+# Weight 64: the best of the search over 4, 16, 64 in
+# recipes/suites/real_faces.py's grid.
 _base_ = ['../_base_/real_faces.py']
 model = dict(
     distill_losses=dict(
