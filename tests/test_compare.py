@@ -226,6 +226,13 @@ def test_seeded_dependencies_and_run_dirs(tmp_path, monkeypatch,
         ('alone', 0, 'alone'), ('alone', 1, 'alone/seed1'),
         ('alone', 2, 'alone/seed2'), ('kd', 0, 'kd'),
         ('kd', 1, 'kd/seed1'), ('kd', 2, 'kd/seed2'), ('once', 0, 'once')]
+    # trained seed by seed, runs trained once first
+    once = ['once'] + (['teacher'] if not teacher_seeds else [])
+    per_seed = (['teacher'] if teacher_seeds else []) + ['alone', 'kd']
+    assert [c['name'] for c in calls] == \
+        sorted(once, key=['teacher', 'once'].index) + per_seed * 3
+    assert [c['seed'] for c in calls[len(once):]] == \
+        [s for s in range(3) for _ in per_seed]
     kd_ckpts = [os.path.relpath(c['checkpoint'], work) for c in calls
                 if c['name'] == 'kd']
     assert kd_ckpts == ([f'teacher{"/seed%d" % s if s else ""}/backbone.pth'

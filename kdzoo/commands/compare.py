@@ -176,8 +176,13 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
             if task['record'].get('eval_version') != EVAL_VERSION:
                 task['record'] = _evaluate_again(
                     task['cfg'], task['record'], task['run_dir'], task['tag'])
-    run_tasks([t for t in tasks if t['record'] is None], jobs, threads,
-              executor, executor_options, work_dir)
+    # trained seed by seed (runs trained once first, then every run's seed
+    # 0, then seed 1, ...): a long suite stopped part-way leaves whole seeds
+    # finished, which the next call reuses and can already tabulate
+    to_train = sorted((t for t in tasks if t['record'] is None),
+                      key=lambda t: -1 if t['key'][1] is None
+                      else t['key'][1])
+    run_tasks(to_train, jobs, threads, executor, executor_options, work_dir)
     records = [t['record'] for t in tasks]
     parallel = dict(jobs=jobs, threads_per_run=threads) if (
         jobs > 1 or threads or executor != 'local') else {}
