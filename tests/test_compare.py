@@ -399,6 +399,53 @@ def test_paired_differences_and_intervals(tmp_path):
     assert 'differences' in e['a'] and e['a']['differences'] == {}
 
 
+def test_contrasts_are_paired_differences_between_named_runs(tmp_path):
+    from kdzoo.commands.report import aggregate, comparison_markdown
+    from kdzoo.evaluation.significance import (add_intervals,
+                                               contrast_differences)
+    noise = np.random.default_rng(1).normal(0, 0.02, size=(2, 1000))
+    recs = []
+    for seed in range(2):
+        base = 0.3 + 0.01 * seed
+        recs += [_bootstrap_record(tmp_path, 'full', seed, base + 0.04,
+                                   base + 0.04 + noise[seed]),
+                 _bootstrap_record(tmp_path, 'part', seed, base,
+                                   base + noise[seed])]
+    got = contrast_differences(recs, [('full', 'part', 'the extra term'),
+                                      ('part', 'full', '')], ['p/k', 'q'])
+    (a, b) = got
+    assert (a['a'], a['b'], a['label']) == ('full', 'part', 'the extra term')
+    assert list(a['differences']) == ['p/k']  # no replicates of 'q'
+    d = a['differences']['p/k']
+    assert d['diff'] == pytest.approx(0.04) and d['verdict'] == 'better'
+    assert d['ci95'] == pytest.approx([0.04, 0.04]) and d['seeds'] == 2
+    assert b['differences']['p/k']['verdict'] == 'worse'
+    entries = aggregate(recs)
+    add_intervals(entries, recs, ['p/k'])
+    md = comparison_markdown(entries, [('k', 'p/k')], {}, ['p/k'], got)
+    (row,) = [ln for ln in md.splitlines() if ln.startswith('| full − part')]
+    assert row.startswith('| full − part | the extra term | +0.0400 [')
+    assert row.endswith('better |')
+    assert md.count('percentile bootstrap') == 1  # one method note
+
+
+@pytest.mark.parametrize('contrasts, message', [
+    ("[('kd', 'kdd')]", "contrasts[0] names 'kdd', which is no run"),
+    ("[('kd', 'kd')]", "contrasts[0] compares 'kd' with itself"),
+    ("['kd']", 'contrasts[0] must be (run a, run b)'),
+])
+def test_contrasts_must_name_two_runs(tmp_path, capsys, contrasts, message):
+    suite = write_suite(tmp_path / 's.py', f'''
+        runs = [dict(name='alone', recipe={STUDENT!r}),
+                dict(name='kd', recipe={STUDENT!r})]
+        contrasts = {contrasts}
+        ''')
+    assert main(['compare', suite, '--work-dir', str(tmp_path / 'w')]) == 2
+    err = capsys.readouterr().err
+    assert message in err and 'Traceback' not in err
+    assert not os.path.exists(tmp_path / 'w')  # refused before training
+
+
 # ------------------------------------------------- aggregation and figure
 def _records():
     recs = []

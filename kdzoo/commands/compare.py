@@ -19,7 +19,9 @@ and optionally ``work_dir``, ``columns`` (list of (title, metric key)),
 ``seeds`` (how many seeds, default 1; ``--seeds`` overrides), ``plot``
 (``dict(protocol='cross_age', far=1e-3)``), ``baseline`` (the run every
 student run is compared with, default ``student_alone`` when there is one),
-``reference`` (a second run to compare with, e.g. ``'kd'``) and
+``reference`` (a second run to compare with, e.g. ``'kd'``),
+``contrasts`` (further pairs of runs, ``[('liaad', 'two_teacher', 'what
+it isolates'), ...]``: a method against its own parts) and
 ``compare_keys`` (the metric keys of those paired differences; default
 TAR@FAR=1e-3 of each protocol and the rank-1 columns).
 
@@ -51,7 +53,7 @@ import hashlib
 import os
 import re
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from mmengine.config import Config
 
@@ -149,10 +151,12 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
                                          default_compare_keys,
                                          print_comparison,
                                          reproduction_context)
-    from kdzoo.evaluation.significance import METHOD_NOTE, add_intervals
+    from kdzoo.evaluation.significance import (METHOD_NOTE, add_intervals,
+                                              contrast_differences)
     from .compare_jobs import check_jobs, run_tasks
     suite = load_suite(path) if suite is None else suite
     baseline, reference = _comparison_runs(suite, path)  # before training
+    contrasts = _contrasts(suite, path)
     num_seeds = _num_seeds(seeds if seeds is not None else
                            suite.get('seeds', 1),
                            '--seeds' if seeds is not None else path)
@@ -198,6 +202,7 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     add_intervals(entries, records, sorted({k for _, k in columns} |
                                            set(compare_keys)),
                   baseline=baseline, reference=reference)
+    contrasted = contrast_differences(records, contrasts, compare_keys)
     plot_opts = dict(suite.get('plot') or {})
     suite_name = os.path.splitext(os.path.basename(path))[0]
     context = reproduction_context(
@@ -212,19 +217,20 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     png = os.path.join(work_dir, 'comparison.png')
     summary = dict(suite=path, work_dir=work_dir,
                    wall_time_s=context['wall_time_s'], seeds=seed_list,
-                   runs=records, aggregate=entries, context=context,
-                   plot=png)
+                   runs=records, aggregate=entries, contrasts=contrasted,
+                   context=context, plot=png)
     atomic_write_json(os.path.join(work_dir, 'comparison.json'), summary)
     atomic_write_text(os.path.join(work_dir, 'comparison.md'),
                       comparison_markdown(entries, columns, context,
-                                          compare_keys))
+                                          compare_keys, contrasted))
     from kdzoo.evaluation.plots import seeds_title, write_comparison_plot
     write_comparison_plot(entries, png,
                           seeds_title(suite_name, seed_list, num_seeds > 1),
                           protocol=plot_opts.get('protocol'),
                           far=plot_opts.get('far', 1e-3))
     print_comparison(entries, columns, title=f'kdzoo compare: {path}',
-                     context=context, compare_keys=compare_keys)
+                     context=context, compare_keys=compare_keys,
+                     contrasts=contrasted)
     print(f'table: {os.path.join(work_dir, "comparison.md")}  '
           f'json: {os.path.join(work_dir, "comparison.json")}  '
           f'plot: {png}  ({summary["wall_time_s"]:.0f} s)')
@@ -342,6 +348,33 @@ def _comparison_runs(suite: Config, path: str):
                                                                    names))
         out.append(value)
     return tuple(out)
+
+
+def _contrasts(suite: Config, path: str) -> List[Tuple[str, str, str]]:
+    """The suite's ``contrasts``: ``[(a, b), (a, b, label), ...]``, pairs
+    of run names whose paired difference a - b the comparison reports (the
+    ablations a reader asks for: a method against its own parts), as
+    ``(a, b, label)``; each name must be a run of the suite."""
+    spec = suite.get('contrasts') or []
+    names = [r['name'] for r in suite['runs']]
+    out = []
+    for i, item in enumerate(spec):
+        where = f'{path}: contrasts[{i}]'
+        if not isinstance(item, (list, tuple)) or len(item) not in (2, 3) \
+                or not all(isinstance(x, str) for x in item):
+            raise ConfigError(f'{where} must be (run a, run b) or (run a, '
+                              f'run b, label), got {item!r}')
+        a, b = item[:2]
+        for name in (a, b):
+            if name not in names:
+                from kdzoo.utils.errors import did_you_mean
+                raise ConfigError(f'{where} names {name!r}, which is no run '
+                                  f'of the suite ({names}).'
+                                  + did_you_mean(name, names))
+        if a == b:
+            raise ConfigError(f'{where} compares {a!r} with itself')
+        out.append((a, b, item[2] if len(item) == 3 else ''))
+    return out
 
 
 def _finished(run_dir: str, run_hash: str) -> Optional[dict]:

@@ -318,18 +318,49 @@ def differences_markdown(entries: Sequence[dict], keys: Sequence[str]
         _md_table(header, rows) + ['', f'_{METHOD_NOTE}._']
 
 
+def _contrast_rows(contrasts, keys):
+    for c in contrasts or []:
+        diffs = c.get('differences') or {}
+        if not diffs:
+            continue
+        row = [f'{c["a"]} − {c["b"]}', c.get('label') or '']
+        for key in keys:
+            d = diffs.get(key)
+            row.append('–' if d is None else (
+                f'{_signed(d["diff"], key)} [{_signed(d["ci95"][0], key)}, '
+                f'{_signed(d["ci95"][1], key)}] {d["verdict"]}'))
+        yield row
+
+
+def contrasts_markdown(contrasts: Optional[Sequence[dict]],
+                       keys: Sequence[str]) -> List[str]:
+    """Markdown lines of the suite's contrasts (empty without any)."""
+    rows = list(_contrast_rows(contrasts, keys))
+    if not rows:
+        return []
+    return ['', '**Contrasts** (paired, A − B, mean over common seeds)',
+            ''] + _md_table(['A − B', 'what it isolates'] + list(keys), rows)
+
+
 def comparison_markdown(records: Sequence[dict],
                         columns: Optional[Sequence[Column]] = None,
                         context: Optional[dict] = None,
-                        compare_keys: Optional[Sequence[str]] = None) -> str:
+                        compare_keys: Optional[Sequence[str]] = None,
+                        contrasts: Optional[Sequence[dict]] = None) -> str:
     """The comparison table (one row per run name, ``mean ± std`` over
-    seeds, 95 % intervals), the paired differences and the reproduction
-    context (per-run table)."""
+    seeds, 95 % intervals), the paired differences, the suite's contrasts
+    and the reproduction context (per-run table)."""
     entries = _entries(records)
     columns = list(columns or default_columns(entries))
     lines = _md_table(_header(columns), _rows(entries, columns))
-    lines += differences_markdown(
-        entries, compare_keys or default_compare_keys(columns))
+    keys = compare_keys or default_compare_keys(columns)
+    diff_lines = differences_markdown(entries, keys)
+    contrast_lines = contrasts_markdown(contrasts, keys)
+    if contrast_lines:  # one method note, after both tables
+        from kdzoo.evaluation.significance import METHOD_NOTE
+        diff_lines = diff_lines[:-2] + contrast_lines + [
+            '', f'_{METHOD_NOTE}._']
+    lines += diff_lines
     plain = [r for r in records if 'metrics_values' not in r]
     if context is None and plain:  # entries alone do not hold the context
         context = reproduction_context(plain)
@@ -346,7 +377,8 @@ def print_comparison(records: Sequence[dict],
                      columns: Optional[Sequence[Column]] = None,
                      title: str = 'comparison',
                      context: Optional[dict] = None,
-                     compare_keys: Optional[Sequence[str]] = None) -> None:
+                     compare_keys: Optional[Sequence[str]] = None,
+                     contrasts: Optional[Sequence[dict]] = None) -> None:
     from rich.table import Table
 
     from kdzoo.evaluation.significance import METHOD_NOTE
@@ -373,6 +405,15 @@ def print_comparison(records: Sequence[dict],
                 next((f'[{c}]{cell}[/{c}]' for v, c in colors.items()
                       if cell.endswith(v)), cell) for cell in row[2:]])
         out.print(diff)
+    keys = compare_keys or default_compare_keys(columns)
+    rows = list(_contrast_rows(contrasts, keys))
+    if rows:
+        table = Table(title='contrasts (paired, A − B)', caption=METHOD_NOTE)
+        for h in ['A − B', 'what it isolates'] + list(keys):
+            table.add_column(h)
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
     if context:
         runs = Table(title='runs', title_justify='left')
         for i, h in enumerate(_RUN_HEADER):

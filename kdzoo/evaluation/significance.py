@@ -26,7 +26,8 @@ import numpy as np
 from .bootstrap import percentile_interval
 
 __all__ = ['load_samples', 'mean_interval', 'paired_difference',
-           'add_intervals', 'run_difference', 'METHOD_NOTE', 'VERDICTS']
+           'add_intervals', 'run_difference', 'contrast_differences',
+           'METHOD_NOTE', 'VERDICTS']
 
 VERDICTS = ('better', 'worse', 'not distinguishable')
 METHOD_NOTE = (
@@ -150,3 +151,25 @@ def run_difference(a_records: Sequence[dict], b_records: Sequence[dict],
     samples = {id(r): load_samples(r)
                for r in list(a_records) + list(b_records)}
     return _difference(a_records, b_records, samples, key)
+
+
+def contrast_differences(records: Sequence[dict], contrasts, keys:
+                         Sequence[str]) -> List[dict]:
+    """``[{a, b, label, differences: {key: paired_difference}}]``: for
+    each ``(a, b, label)`` the paired difference a - b of every key both
+    runs have replicates of (a run trained once is paired with each of the
+    other's seeds, as in :func:`add_intervals`)."""
+    groups: Dict[str, List[dict]] = {}
+    for r in records:
+        groups.setdefault(r.get('name'), []).append(r)
+    samples = {id(r): load_samples(r) for r in records}
+    out = []
+    for a, b, label in contrasts:
+        diffs = {}
+        for key in keys:
+            diff = _difference(groups.get(a, []), groups.get(b, []), samples,
+                               key)
+            if diff is not None:
+                diffs[key] = diff
+        out.append(dict(a=a, b=b, label=label, differences=diffs))
+    return out

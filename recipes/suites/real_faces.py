@@ -40,6 +40,13 @@ runs = [
 ]
 baseline = 'student_alone'
 reference = 'angular_kd_no_id'
+# What LIAAD's parts add, as paired differences (A - B); each run's
+# difference to angular_kd_no_id (angular KD alone) is in the table anyway.
+contrasts = [
+    ('liaad', 'two_teacher_angular', "second teacher's attention terms"),
+    ('liaad', 'angular_attention',
+     "second teacher (final term and maps) vs the first's maps"),
+]
 columns = [('LFW acc %', 'lfw/accuracy'), ('LFW TAR@1e-3', 'lfw/TAR@FAR=1e-3'),
            ('CFP-FF acc %', 'cfp_ff/accuracy'),
            ('CFP-FF TAR@1e-3', 'cfp_ff/TAR@FAR=1e-3')]

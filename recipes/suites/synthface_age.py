@@ -12,6 +12,12 @@ work_dir = 'work_dirs/synthface_age'
 # over seeds and test identities) against the student alone and against KD,
 # the strongest baseline of this suite in earlier measurements.
 reference = 'kd'
+# LIAAD's parts, each as a paired difference (A - B):
+contrasts = [
+    ('liaad', 'liaad_fr_stagewise', "age teacher's attention terms"),
+    ('liaad', 'liaad_age_attention', "FR teacher's angular terms"),
+    ('liaad_fr_stagewise', 'angular_kd', "FR teacher's stage-wise terms"),
+]
 _teacher = {'model.teachers.teacher_fr.checkpoint': '{teacher}/backbone.pth'}
 _teacher_head = dict(
     _teacher,
