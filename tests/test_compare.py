@@ -271,6 +271,33 @@ def test_rerun_with_stub_trains_nothing(tmp_path, monkeypatch):
     assert len(n) == 6
 
 
+def test_no_train_tabulates_the_finished_runs_only(tmp_path, monkeypatch,
+                                                  capsys):
+    n = []
+    monkeypatch.setattr(jobs_mod, 'train_recipe',
+                        lambda cfg: n.append(1) or fake_record(cfg))
+    suite = write_suite(tmp_path / 's.py', KD_SUITE.replace(', seeds=TS', ''))
+    work = str(tmp_path / 'w')
+    assert main(['compare', suite, '--work-dir', work, '--no-train']) == 2
+    assert 'no run of the suite has finished' in capsys.readouterr().err
+    assert main(['compare', suite, '--work-dir', work, '--seeds', '2']) == 0
+    os.remove(os.path.join(work, 'kd', 'seed1', 'results.json'))
+    n.clear()
+    records = suite_mod.run_suite(suite, work_dir=work, seeds=2,
+                                  no_train=True)
+    assert n == []
+    assert "[kd seed 1] not finished: left out (--no-train)" in \
+        capsys.readouterr().out
+    assert sorted((r['name'], r['seed']) for r in records) == [
+        ('alone', 0), ('alone', 1), ('kd', 0), ('once', 0), ('teacher', 0)]
+    md = open(os.path.join(work, 'comparison.md')).read()
+    (row,) = [ln for ln in md.splitlines() if ln.startswith('| kd |')]
+    assert '±' not in row  # one seed of kd left
+    assert main(['compare', suite, '--work-dir', work, '--no-train',
+                 '--force']) == 2
+    assert 'exclude each other' in capsys.readouterr().err
+
+
 def test_old_results_are_evaluated_again(tmp_path, monkeypatch):
     """A finished run from before the current evaluation (no curves, no
     intervals: no eval_version) is tested again (not retrained); the next

@@ -93,6 +93,12 @@ def test_grid_trains_every_point_and_records_the_choice(tmp_path, trained):
     trained.clear()
     assert main(['compare', suite, '--grid', '--work-dir', work]) == 0
     assert trained == []
+    # the chosen point unfinished: --no-train chooses among the others
+    os.remove(os.path.join(grid_dir, 'kd@loss_weight=4.0', 'results.json'))
+    rows = run_grid(suite, work_dir=work, no_train=True)
+    assert trained == []
+    kd = next(r for r in rows if r['run'] == 'kd')
+    assert [p['point'][WEIGHT] for p in kd['points']] == [1.0, 16.0]
 
 
 def test_suite_recording_the_choice_is_not_stale(tmp_path, trained):

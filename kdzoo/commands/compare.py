@@ -133,7 +133,8 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
               seeds: Optional[int] = None, jobs: int = 1,
               threads: Optional[int] = None, executor: str = 'local',
               executor_options: Optional[dict] = None,
-              suite: Optional[Config] = None) -> List[dict]:
+              suite: Optional[Config] = None,
+              no_train: bool = False) -> List[dict]:
     """Train what is missing, test everything, write and print the table.
 
     ``jobs`` > 1 trains independent runs in that many processes at once
@@ -144,7 +145,9 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     with ``executor_options``. Returns every run's record (one per run and
     seed, in suite order). ``suite``: run these runs instead of the file's
     (``kdzoo.commands.compare_grid``); recipes still resolve against
-    ``path``.
+    ``path``. ``no_train``: tabulate the finished runs only (a suite part
+    way through, e.g. while it trains elsewhere); the others are named and
+    left out.
     """
     from kdzoo.commands.report import (aggregate, comparison_markdown,
                                          default_columns,
@@ -173,6 +176,16 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     # config, content hash and the runs it reads (all known up front)
     tasks = _plan(suite, path, work_dir, force, cfg_options, num_seeds,
                   seed_list)
+    if no_train:
+        if force:
+            raise ConfigError('--no-train and --force exclude each other')
+        for task in tasks:
+            if task['record'] is None:
+                print(f'[{task["tag"]}] not finished: left out (--no-train)')
+        tasks = [t for t in tasks if t['record'] is not None]
+        if not tasks:
+            raise ConfigError(f'{path}: no run of the suite has finished in '
+                              f'{work_dir}; run it without --no-train')
     reused = [t['run_dir'] for t in tasks if t['record'] is not None]
     for task in tasks:
         if task['record'] is not None:
@@ -422,6 +435,9 @@ def register(sub) -> None:
                    help="run the suite's loss-weight grid (its `grid`: "
                    'each point on the validation split) and write the '
                    'choice to grid.md, instead of the comparison')
+    p.add_argument('--no-train', action='store_true',
+                   help='train nothing: tabulate the runs (or grid points) '
+                   'that have finished, name the others and leave them out')
     p.set_defaults(func=run)
 
 
@@ -432,7 +448,8 @@ def run(args):
                   seeds=args.seeds, jobs=args.jobs, threads=args.threads,
                   executor=args.executor,
                   executor_options=parse_key_values(args.executor_options,
-                                                    '--executor-options'))
+                                                    '--executor-options'),
+                  no_train=args.no_train)
     if args.grid:
         from .compare_grid import run_grid
         return run_grid(args.suite, **kwargs)

@@ -283,7 +283,9 @@ def run_grid(path: str, work_dir: Optional[str] = None, **kwargs) -> list:
     with open(os.path.join(derived.work_dir, 'comparison.json')) as f:
         comparison = json.load(f)
     select = derived.grid_select
-    rows = choose(derived.grid_plan, comparison['aggregate'], select, path,
+    finished = {e['name'] for e in comparison['aggregate']}
+    plan = [p for p in derived.grid_plan if p['name'] in finished]
+    rows = choose(plan, comparison['aggregate'], select, path,
                   comparison.get('runs'))
     md = grid_markdown(rows, select, suite, path)
     atomic_write_text(os.path.join(derived.work_dir, 'grid.md'), md)
