@@ -451,6 +451,26 @@ def _mtimes(work):
                                       'angular_kd')}
 
 
+def _older_rule_hashes(suite, work, cfg_options):
+    """Each run's content hash as kdzoo computed it while `tensorboard` was
+    still part of it (the config's hash with the key, chained on the
+    teacher's)."""
+    import hashlib
+    from mmengine.config import Config
+    from kdzoo.commands.compare import _plan
+    from kdzoo.engine.runner import config_hash
+    tasks = _plan(Config.fromfile(suite), suite, work, True, cfg_options, 1,
+                  [0])
+    out = {}
+    for task in tasks:
+        name = task['key'][0]
+        data = config_hash(task['cfg'], ('work_dir', 'resume', 'load_from',
+                                         'launcher'))
+        deps = ''.join(out[d] for d, _ in task['deps'])
+        out[name] = hashlib.sha256((data + deps).encode()).hexdigest()
+    return out
+
+
 def test_compare_trains_reuses_and_tracks_dependencies(tmp_path, cache_dir,
                                                        capsys):
     suite = tmp_path / 'suite.py'
@@ -500,6 +520,36 @@ def test_compare_trains_reuses_and_tracks_dependencies(tmp_path, cache_dir,
     assert _mtimes(work) == first
     assert read_json(os.path.join(work, 'comparison.json'))['runs'] == \
         summary['runs']
+
+    # where a run logs is not part of its content: TensorBoard switched
+    # off in the teacher retrains nothing
+    _write_suite(suite, {'tensorboard': False})
+    assert main(args) == 0
+    assert capsys.readouterr().out.count('reusing finished run') == 3
+    assert _mtimes(work) == first
+
+    # runs hashed by the older rule (with the `tensorboard` key) are still
+    # found, and so are the runs that read them
+    older = _older_rule_hashes(str(suite), work, tiny_options(cache_dir))
+    assert older['teacher'] != first_hash['teacher']
+    for name, run_hash in older.items():
+        path = os.path.join(work, name, 'results.json')
+        record = read_json(path)
+        record['run_hash'] = run_hash
+        with open(path, 'w') as f:
+            json.dump(record, f)
+    assert main(args) == 0
+    assert capsys.readouterr().out.count('reusing finished run') == 3
+    # ... but not a run whose hash matches neither rule
+    record = read_json(os.path.join(work, 'student_alone', 'results.json'))
+    record['run_hash'] = 'f' * 64
+    with open(os.path.join(work, 'student_alone', 'results.json'), 'w') as f:
+        json.dump(record, f)
+    assert main(args) == 0
+    assert '[student_alone] reusing' not in capsys.readouterr().out
+    first = _mtimes(work)
+    first_hash['student_alone'] = read_json(os.path.join(
+        work, 'student_alone', 'results.json'))['run_hash']
 
     # the teacher changes: it and the KD run that depends on it retrain,
     # the independent student does not

@@ -260,7 +260,7 @@ def _plan(suite: Config, path: str, work_dir: str, force: bool,
     or None: to be trained)."""
     # name -> {seed: dir/hash}; seed None: a run trained once
     run_dirs: Dict[str, dict] = {}
-    run_hashes: Dict[str, dict] = {}
+    hashes: Dict[str, dict] = {}
     tasks = []
     for run in suite['runs']:
         name = run['name']
@@ -286,20 +286,36 @@ def _plan(suite: Config, path: str, work_dir: str, force: bool,
             recipe = _resolve_recipe(run['recipe'], path)
             cfg = load_recipe(recipe, options, run_dir)
             cfg.experiment_name = name
-            run_hash = hashlib.sha256(
-                (config_hash(cfg) + ''.join(
-                    _for_seed(run_hashes[d], seed) for d in sorted(deps)))
-                .encode()).hexdigest()
+            run_hash, older_hash = _run_hashes(cfg, ''.join(
+                _for_seed(hashes[d], seed) for d in sorted(deps)))
+            record = None if force else _finished(
+                run_dir, (run_hash, older_hash))
             tasks.append(dict(
                 key=(name, seed), run_dir=run_dir, recipe=recipe,
                 options=options, cfg=cfg, run_hash=run_hash, role=role,
                 recipe_label=run['recipe'],
                 tag=name if seed is None else f'{name} seed {seed}',
                 deps=sorted((d, _seed_key(run_dirs[d], seed)) for d in deps),
-                record=None if force else _finished(run_dir, run_hash)))
-            dirs_by_seed[seed], hashes_by_seed[seed] = run_dir, run_hash
-        run_dirs[name], run_hashes[name] = dirs_by_seed, hashes_by_seed
+                record=record))
+            dirs_by_seed[seed] = run_dir
+            # what runs depending on this one chain on: the hash of the run
+            # they will read (a reused one's stored hash)
+            hashes_by_seed[seed] = record['run_hash'] if record else run_hash
+        run_dirs[name], hashes[name] = dirs_by_seed, hashes_by_seed
     return tasks
+
+
+# before `tensorboard` left the content hash (kdzoo.engine.runner's
+# HASH_IGNORED_KEYS), runs were hashed with it: such runs are still reused
+_OLDER_HASH_IGNORED = ('work_dir', 'resume', 'load_from', 'launcher')
+
+
+def _run_hashes(cfg: Config, dep_hashes: str) -> tuple:
+    """A run's content hash (its config and the hashes of the runs it
+    reads), and the hash the same run had under the older rule."""
+    return tuple(
+        hashlib.sha256((config_hash(cfg, *ignored) + dep_hashes).encode())
+        .hexdigest() for ignored in ((), (_OLDER_HASH_IGNORED,)))
 
 
 def _seed_key(by_seed: dict, seed):
@@ -390,7 +406,9 @@ def _contrasts(suite: Config, path: str) -> List[Tuple[str, str, str]]:
     return out
 
 
-def _finished(run_dir: str, run_hash: str) -> Optional[dict]:
+def _finished(run_dir: str, run_hash) -> Optional[dict]:
+    """The run's results.json when it was trained from this content hash
+    (or one of several: a tuple), else None."""
     import json
     path = os.path.join(run_dir, 'results.json')
     if not os.path.isfile(path):
@@ -400,7 +418,8 @@ def _finished(run_dir: str, run_hash: str) -> Optional[dict]:
             record = json.load(f)
     except (OSError, ValueError):
         return None
-    return record if record.get('run_hash') == run_hash else None
+    accepted = run_hash if isinstance(run_hash, tuple) else (run_hash,)
+    return record if record.get('run_hash') in accepted else None
 
 
 # ------------------------------------------------------------ command line

@@ -278,10 +278,18 @@ def _sync_schedule(cfg: Config, old_epochs) -> None:
         cfg.param_scheduler = []
 
 
-def config_hash(cfg: Config) -> str:
-    """SHA-256 of the resolved config, ignoring where the run is written."""
+# keys that say where a run is written, how it is launched and where its
+# logs go: they change neither the weights nor the metrics, so they stay
+# out of a run's content hash (switching TensorBoard on retrains nothing)
+HASH_IGNORED_KEYS = ('work_dir', 'resume', 'load_from', 'launcher',
+                     'tensorboard')
+
+
+def config_hash(cfg: Config, ignored=HASH_IGNORED_KEYS) -> str:
+    """SHA-256 of the resolved config without the ``ignored`` top-level
+    keys (by default where the run is written and where it logs)."""
     data = cfg.to_dict()
-    for key in ('work_dir', 'resume', 'load_from', 'launcher'):
+    for key in ignored:
         data.pop(key, None)
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
