@@ -410,17 +410,21 @@ def test_cache_refuses_augmenting_pipelines(tmp_path, cache_dir):
         _check_dataset(dataset)
 
 
-def test_file_datasets_are_keyed_by_file_metadata_without_decoding(
+def test_file_datasets_are_keyed_by_file_content_without_decoding(
         tmp_path, monkeypatch):
-    """ImageFolderFaces and RecordIODataset: same files -> same key with
-    no image decoded; a rewritten image, a changed decode size or another
-    item order -> another key."""
+    """ImageFolderFaces and RecordIODataset: same bytes -> same key with no
+    image decoded, also after the files get new mtimes or move; other
+    bytes, another decode size -> another key; an unchanged dataset is not
+    read again."""
+    import shutil
+
     from PIL import Image
 
-    from kdzoo.datasets import image_folder, recordio
+    from kdzoo.datasets import fingerprint, image_folder, recordio
     from kdzoo.datasets.pack import pack_image_folder
     from kdzoo.engine.teacher_cache_hook import dataset_identity
     from kdzoo.registry import DATASETS
+    monkeypatch.setenv('KDZOO_CACHE', str(tmp_path / 'cache'))
     rng = np.random.default_rng(0)
     root = tmp_path / 'faces'
     for i in range(3):
@@ -431,9 +435,9 @@ def test_file_datasets_are_keyed_by_file_metadata_without_decoding(
     pack_image_folder(str(root), str(tmp_path / 'train.rec'),
                       str(tmp_path / 'train.idx'))
 
-    def folder(**kw):
+    def folder(data_root=root, **kw):
         return DATASETS.build(dict(type='ImageFolderFaces',
-                                   data_root=str(root), **kw))
+                                   data_root=str(data_root), **kw))
 
     def rec(**kw):
         return DATASETS.build(dict(type='RecordIODataset',
@@ -443,23 +447,37 @@ def test_file_datasets_are_keyed_by_file_metadata_without_decoding(
     def no_decode(*args, **kwargs):
         raise AssertionError('an image was decoded')
 
+    def no_read(path):
+        raise AssertionError(f'{path} was read again')
+
+    keys = {}
     for build in (folder, rec):
         with monkeypatch.context() as m:
             for module in (image_folder, recordio):
                 m.setattr(module, 'decode_image', no_decode)
             key, count = dataset_identity(build(), None)
             assert count == 6 and key.startswith('fingerprint:')
+            m.setattr(fingerprint, '_file_digest', no_read)
             assert dataset_identity(build(), None)[0] == key
-            assert dataset_identity(build(image_size=4), None)[0] != key
-    # rewriting one image (new mtime) changes the folder's key
-    key = dataset_identity(folder(), None)[0]
-    path = root / 'id1' / '0.png'
-    os.utime(path, ns=(1, 1))
-    assert dataset_identity(folder(), None)[0] != key
-    # rewriting the .rec changes the RecordIO key
-    key = dataset_identity(rec(), None)[0]
+        assert dataset_identity(build(image_size=4), None)[0] != key
+        keys[build] = key
+    # the same bytes with new mtimes, or copied elsewhere: the same key
+    for path in root.glob('*/*.png'):
+        os.utime(path, ns=(1, 1))
+    assert dataset_identity(folder(), None)[0] == keys[folder]
+    copy = shutil.copytree(root, tmp_path / 'moved' / 'faces',
+                           copy_function=shutil.copyfile)
+    assert dataset_identity(folder(copy), None)[0] == keys[folder]
+    # one image rewritten with other pixels: another key
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / 'id1' / '0.png')
+    assert dataset_identity(folder(), None)[0] != keys[folder]
+    # the .rec touched: same key; one byte changed (same size): another
     os.utime(tmp_path / 'train.rec', ns=(1, 1))
-    assert dataset_identity(rec(), None)[0] != key
+    assert dataset_identity(rec(), None)[0] == keys[rec]
+    data = bytearray((tmp_path / 'train.rec').read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / 'train.rec').write_bytes(bytes(data))
+    assert dataset_identity(rec(), None)[0] != keys[rec]
 
 
 def test_synthface_key_follows_generation_parameters(cache_dir):

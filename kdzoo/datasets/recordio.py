@@ -408,8 +408,8 @@ class RecordIODataset(LazyMetainfoMixin, SkipBadItemsMixin, BaseDataset):
 
     def content_fingerprint(self) -> str:
         """Identity of the images without decoding them (teacher cache key;
-        ``kdzoo.datasets.fingerprint``): the .rec and .idx files' size and
-        mtime, every record's key, offset and label, the decode size."""
+        ``kdzoo.datasets.fingerprint``): the .rec and .idx files' bytes,
+        every record's key, offset and label, the decode size."""
         if not self._fully_initialized:
             self.full_init()
         items = [(self.path_imgidx, '')]
