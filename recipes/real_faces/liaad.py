@@ -15,8 +15,8 @@
 # knowledge), and the stage-wise angular term is left out (an ONNX graph
 # cannot be restarted from an inner stage: no forward_from_stage).
 # Attention weights 1000: the best of the suite's search over 100, 1000,
-# 10000, searched with the angular terms at 8 each (they are 32 now, as
-# two_teacher_angular.py's own search chose).
+# 10000 with the angular terms at 8 each; searched again at their current
+# weight (128 each, two_teacher_angular.py's own choice): see the suite.
 _base_ = ['./two_teacher_angular.py']
 model = dict(
     teachers=dict(

@@ -2,9 +2,9 @@
 # teacher (192-d, compared with the student's 192-d embedding directly) and
 # the faceplugin ONNX teacher (512-d, through a training-only Linear+BN
 # projector 192 -> 512), both embeddings cached (image and mirror),
-# no identity loss. Each term carries half of angular_kd_no_id.py's weight,
-# so the total distillation weight is the same as with one teacher
-# (32 each: the best of the suite's search over 2, 8, 32).
+# no identity loss. 128 each: the best validation mean of the suite's
+# search over 2, 8, 32, 128 (128 was added when 32 came out best at the
+# grid's end; the two are not distinguishable, as angular_kd's 64 and 256).
 _base_ = ['./angular_kd_no_id.py']
 model = dict(
     teachers=dict(
@@ -15,9 +15,9 @@ model = dict(
     connectors=dict(
         proj_fr2=dict(type='LinearProjector', out_features=512)),
     distill_losses=dict(
-        loss_ang=dict(loss_weight=32.0),
+        loss_ang=dict(loss_weight=128.0),
         loss_ang2=dict(
-            type='AngularDistillationLoss', p=2, loss_weight=32.0,
+            type='AngularDistillationLoss', p=2, loss_weight=128.0,
             inputs=dict(s_emb=dict(tap='student.embedding',
                                    connector='proj_fr2'),
                         t_emb='teacher_fr2.embedding'))))
