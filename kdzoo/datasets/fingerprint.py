@@ -8,17 +8,20 @@ its path relative to the files' common folder, the item order and labels,
 and the decode settings (output size, Pillow version). No image is decoded.
 
 Reading every byte on every run would still cost minutes for a large
-dataset, so the digest is remembered under a cheap key of the same items
-(absolute paths, sizes and modification times) in
-``$KDZOO_CACHE/dataset_digests``: the files are read again only when one of
-those changes. A dataset copied, moved or re-provisioned (new mtimes, same
-bytes) therefore keeps its fingerprint and its teacher caches; a file
-rewritten with other bytes changes it.
+dataset, so the digest is remembered in ``$KDZOO_CACHE/dataset_digests``
+under a key of the same items' file metadata (absolute path, size,
+modification and status-change times, inode): the files are read again
+when any of those changes. A dataset copied, moved or re-provisioned (new
+times, same bytes) therefore keeps its fingerprint and its teacher caches,
+and a file rewritten with other bytes changes it, also when its old
+modification time is put back (``cp -p``, ``rsync -t``: the status-change
+time still moves). Files that change while they are read are not
+remembered. ``rm -r $KDZOO_CACHE/dataset_digests`` forgets every digest.
 """
 import hashlib
 import json
 import os
-from typing import Iterable, List, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import PIL
 
@@ -27,12 +30,10 @@ from kdzoo.utils.fileio import atomic_write_text, kdzoo_cache_dir
 
 __all__ = ['files_fingerprint']
 
+# bump when what the digest covers changes: remembered digests of the older
+# form are then not used
+DIGEST_VERSION = 1
 _CHUNK = 1 << 20
-
-
-def _header(kind: str, settings: dict) -> bytes:
-    return json.dumps(dict(kind=kind, pillow=PIL.__version__, **settings),
-                      sort_keys=True, default=str).encode()
 
 
 def _stat(path: str) -> str:
@@ -40,7 +41,7 @@ def _stat(path: str) -> str:
         st = os.stat(path)
     except OSError as e:
         raise DataError(f'{path}: cannot be read ({e.strerror})') from None
-    return f'{st.st_size}|{st.st_mtime_ns}'
+    return f'{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}'
 
 
 def _file_digest(path: str) -> str:
@@ -54,29 +55,37 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def _metadata_key(header: bytes, items: List[Tuple[str, object]]) -> str:
-    """SHA-256 of the items' absolute paths, sizes, mtimes and extras."""
+def _metadata_key(header: bytes, paths: List[str],
+                  items: List[Tuple[int, object]]) -> str:
+    """SHA-256 of the items' file metadata (``_stat``) and extras."""
+    stats = [_stat(path) for path in paths]
     h = hashlib.sha256(header)
-    seen = {}
-    for path, extra in items:
-        stat = seen.get(path)
-        if stat is None:
-            stat = seen[path] = _stat(path)
-        h.update(f'\n{path}|{stat}|{extra}'.encode())
+    for index, extra in items:
+        h.update(f'\n{paths[index]}|{stats[index]}|{extra}'.encode())
     return h.hexdigest()
 
 
-def _content_digest(header: bytes, items: List[Tuple[str, object]]) -> str:
+def _relative_names(paths: List[str]) -> List[str]:
+    """Each path relative to the files' common folder, '/'-separated (the
+    absolute path where there is none, e.g. on two Windows drives)."""
+    try:
+        root = os.path.commonpath(paths)
+        if len(paths) == 1:
+            root = os.path.dirname(root)
+        names = [os.path.relpath(path, root) for path in paths]
+    except ValueError:
+        names = list(paths)
+    return [name.replace(os.sep, '/') for name in names]
+
+
+def _content_digest(header: bytes, paths: List[str],
+                    items: List[Tuple[int, object]]) -> str:
     """SHA-256 of the items' file bytes, relative paths and extras."""
-    paths = sorted({path for path, _ in items})
-    root = os.path.commonpath(paths) if paths else ''
-    if len(paths) == 1:
-        root = os.path.dirname(root)
-    digests = {path: _file_digest(path) for path in paths}
+    names = _relative_names(paths)
+    digests = [_file_digest(path) for path in paths]
     h = hashlib.sha256(header)
-    for path, extra in items:
-        h.update(f'\n{os.path.relpath(path, root)}|{digests[path]}|{extra}'
-                 .encode())
+    for index, extra in items:
+        h.update(f'\n{names[index]}|{digests[index]}|{extra}'.encode())
     return h.hexdigest()
 
 
@@ -88,13 +97,23 @@ def files_fingerprint(kind: str, settings: dict,
 
     ``items`` yields ``(path, extra)``; a file is read once however many
     items it holds (RecordIO). The digest is remembered by the files'
-    paths, sizes and mtimes (module docstring), so an unchanged dataset is
-    not read again.
+    metadata (module docstring), so an unchanged dataset is not read again.
     """
-    header = _header(kind, settings)
-    items = [(os.path.abspath(path), extra) for path, extra in items]
-    memo = os.path.join(kdzoo_cache_dir('dataset_digests'),
-                        _metadata_key(header, items) + '.txt')
+    header = json.dumps(dict(kind=kind, pillow=PIL.__version__,
+                             digest_version=DIGEST_VERSION, **settings),
+                        sort_keys=True, default=str).encode()
+    index_of: Dict[str, int] = {}
+    paths: List[str] = []
+    indexed = []
+    for path, extra in items:
+        index = index_of.get(path)
+        if index is None:
+            absolute = os.path.abspath(path)
+            index = index_of[path] = len(paths)
+            paths.append(absolute)
+        indexed.append((index, extra))
+    key = _metadata_key(header, paths, indexed)
+    memo = os.path.join(kdzoo_cache_dir('dataset_digests'), key + '.txt')
     try:
         with open(memo) as f:
             digest = f.read().strip()
@@ -102,9 +121,10 @@ def files_fingerprint(kind: str, settings: dict,
             return digest
     except OSError:
         pass
-    digest = _content_digest(header, items)
-    try:
-        atomic_write_text(memo, digest + '\n')
-    except OSError:  # a read-only cache: read the files again next time
-        pass
+    digest = _content_digest(header, paths, indexed)
+    if _metadata_key(header, paths, indexed) == key:  # unchanged meanwhile
+        try:
+            atomic_write_text(memo, digest + '\n')
+        except OSError:  # a read-only cache: read the files again next time
+            pass
     return digest

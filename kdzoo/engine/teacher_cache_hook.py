@@ -182,7 +182,7 @@ def _check_dataset(dataset) -> None:
 
 def dataset_identity(dataset, pipeline):
     """``(key, count)``: the dataset's ``content_fingerprint()`` where it
-    has one (file sizes and mtimes, generation parameters: no decoding),
+    has one (source files' bytes, generation parameters: no decoding),
     else the SHA-256 of every decoded image."""
     fingerprint = getattr(dataset, 'content_fingerprint', None)
     if callable(fingerprint):

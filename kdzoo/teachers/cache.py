@@ -12,7 +12,7 @@ in the same teacher pass, so an attention or feature term does not need the
 teacher online either (at a cost in disk: C*H*W values per image and flip).
 
 The file name is a SHA-256 of the dataset's content (its
-``content_fingerprint()``: source files' sizes and mtimes, or SynthFaceAge's
+``content_fingerprint()``: source files' bytes, or SynthFaceAge's
 generation parameters; else every decoded image, in dataset order), the
 teacher's weights, class, input normalisation and size, the batch
 normalisation the student uses, and the batch size the embeddings were
