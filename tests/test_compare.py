@@ -8,6 +8,7 @@ suite logic in milliseconds.
 """
 import json
 import os
+import shutil
 import textwrap
 
 import numpy as np
@@ -174,6 +175,28 @@ def test_two_seeds_mean_std_curves_context_plot_reuse(tmp_path, monkeypatch,
     assert again['runs'] == summary['runs']
     assert len(again['context']['reused']) == 2
 
+    # the runs' records alone (no checkpoints, logs or configs), exported
+    # and moved elsewhere, are a work dir the same table is rebuilt from
+    kept = tmp_path / 'kept'
+    assert main(args + ['--no-train', '--export-records', str(kept)]) == 0
+    assert 'records of 2 runs (7 files) copied' in capsys.readouterr().out
+    assert sorted(str(p.relative_to(kept)) for p in kept.rglob('*')
+                  if p.is_file()) == sorted(
+        ['comparison.json', 'comparison.md', 'comparison.png'] +
+        [os.path.join(*parts) for parts in (
+            ('student', 'results.json'), ('student', 'bootstrap.npz'),
+            ('student', 'seed1', 'results.json'),
+            ('student', 'seed1', 'bootstrap.npz'))])
+    moved = str(tmp_path / 'moved')
+    shutil.move(str(kept), moved)
+    rebuilt_args = args[:args.index('--work-dir') + 1] + [moved] + \
+        args[args.index('--work-dir') + 2:] + ['--no-train']
+    assert main(rebuilt_args) == 0
+    assert capsys.readouterr().out.count('reusing finished run') == 2
+    rebuilt = read_json(os.path.join(moved, 'comparison.json'))
+    assert rebuilt['runs'] == summary['runs']
+    assert rebuilt['aggregate'] == again['aggregate']
+
 
 # ------------------------------------------------------- stubbed training
 def fake_record(cfg, *args, **kwargs):
@@ -336,8 +359,10 @@ def test_old_results_are_evaluated_again(tmp_path, monkeypatch):
     (['--seeds', '0'], 'seeds must be an integer >= 1'),
     (['--seeds', '2', '--cfg-options', 'randomness.seed=5'],
      '--cfg-options sets randomness.seed'),
+    (['--grid', '--export-records', 'kept'],
+     '--export-records goes with a comparison, not --grid'),
 ])
-def test_seed_argument_errors(tmp_path, capsys, argv, message):
+def test_argument_errors(tmp_path, capsys, argv, message):
     suite = write_suite(tmp_path / 's.py', f'''
         runs = [dict(name='alone', recipe={STUDENT!r})]
         ''')

@@ -134,7 +134,8 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
               threads: Optional[int] = None, executor: str = 'local',
               executor_options: Optional[dict] = None,
               suite: Optional[Config] = None,
-              no_train: bool = False) -> List[dict]:
+              no_train: bool = False,
+              export_records: Optional[str] = None) -> List[dict]:
     """Train what is missing, test everything, write and print the table.
 
     ``jobs`` > 1 trains independent runs in that many processes at once
@@ -147,7 +148,10 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     (``kdzoo.commands.compare_grid``); recipes still resolve against
     ``path``. ``no_train``: tabulate the finished runs only (a suite part
     way through, e.g. while it trains elsewhere); the others are named and
-    left out.
+    left out. ``export_records``: copy every tabulated run's record
+    (``results.json``, ``bootstrap.npz``) and the comparison files into
+    this folder, laid out as in ``work_dir`` (see
+    :func:`export_run_records`).
     """
     from kdzoo.commands.report import (aggregate, comparison_markdown,
                                          default_columns,
@@ -244,6 +248,11 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     print_comparison(entries, columns, title=f'kdzoo compare: {path}',
                      context=context, compare_keys=compare_keys,
                      contrasts=contrasted)
+    if export_records:
+        n = export_run_records(work_dir, [t['run_dir'] for t in tasks],
+                               export_records)
+        print(f'records of {len(tasks)} runs ({n} files) copied to '
+              f'{export_records}')
     print(f'table: {os.path.join(work_dir, "comparison.md")}  '
           f'json: {os.path.join(work_dir, "comparison.json")}  '
           f'plot: {png}  ({summary["wall_time_s"]:.0f} s)')
@@ -422,6 +431,48 @@ def _finished(run_dir: str, run_hash) -> Optional[dict]:
     return record if record.get('run_hash') in accepted else None
 
 
+# what a finished run leaves that the comparison reads: reusing a run needs
+# results.json (its run hash), the paired differences need bootstrap.npz
+RECORD_FILES = ('results.json', 'bootstrap.npz')
+COMPARISON_FILES = ('comparison.md', 'comparison.json', 'comparison.png')
+
+
+def export_run_records(work_dir: str, run_dirs: List[str], dest: str) -> int:
+    """Copy the runs' records and the comparison files from ``work_dir``
+    to ``dest``, each at its path relative to ``work_dir``; returns how
+    many files were copied. Files already in ``dest`` are replaced one by
+    one (atomically), others are kept, so records of later seeds can be
+    added to the same folder.
+
+    Such a folder (kept with a results page, say) is a work dir of its own:
+    ``kdzoo compare SUITE --work-dir <a copy of it>`` reuses its runs by
+    their content hash (``--no-train`` rebuilds the table and the paired
+    differences without training; without it, only the missing runs or
+    seeds are trained). It holds no checkpoints: a run whose config reads
+    another run's checkpoint cannot be trained from it."""
+    from kdzoo.utils.fileio import atomic_write_bytes
+    root = os.path.abspath(work_dir)
+    copies = []
+    for run_dir in run_dirs:
+        rel = os.path.relpath(os.path.abspath(run_dir), root)
+        if rel.startswith(os.pardir):
+            raise ConfigError(f'run dir {run_dir} is not inside the work dir '
+                              f'{work_dir}; its records cannot be exported')
+        copies += [os.path.join(rel, name) for name in RECORD_FILES
+                   if os.path.isfile(os.path.join(run_dir, name))]
+    copies += [n for n in COMPARISON_FILES
+               if os.path.isfile(os.path.join(root, n))]
+    if os.path.abspath(dest) == root:
+        return 0
+    for rel in copies:
+        with open(os.path.join(root, rel), 'rb') as f:
+            data = f.read()
+        target = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(target) or '.', exist_ok=True)
+        atomic_write_bytes(target, data)
+    return len(copies)
+
+
 # ------------------------------------------------------------ command line
 def register(sub) -> None:
     p = sub.add_parser('compare', help='train what a suite needs, evaluate, '
@@ -457,6 +508,11 @@ def register(sub) -> None:
     p.add_argument('--no-train', action='store_true',
                    help='train nothing: tabulate the runs (or grid points) '
                    'that have finished, name the others and leave them out')
+    p.add_argument('--export-records', metavar='DIR',
+                   help='copy each tabulated run\'s results.json and '
+                   'bootstrap.npz and the comparison files to DIR, laid out '
+                   'as in the work dir: a folder --work-dir can reuse later '
+                   '(e.g. with --no-train) without the checkpoints')
     p.set_defaults(func=run)
 
 
@@ -470,6 +526,10 @@ def run(args):
                                                     '--executor-options'),
                   no_train=args.no_train)
     if args.grid:
+        if args.export_records:
+            raise ConfigError('--export-records goes with a comparison, not '
+                              '--grid (grid points are kept under the work '
+                              "dir's grid/ folder)")
         from .compare_grid import run_grid
         return run_grid(args.suite, **kwargs)
-    run_suite(args.suite, **kwargs)
+    run_suite(args.suite, export_records=args.export_records, **kwargs)
