@@ -189,13 +189,20 @@ def test_two_seeds_mean_std_curves_context_plot_reuse(tmp_path, monkeypatch,
             ('student', 'seed1', 'bootstrap.npz'))])
     moved = str(tmp_path / 'moved')
     shutil.move(str(kept), moved)
+    shutil.rmtree(work)  # the records' stored work_dir no longer exists
     rebuilt_args = args[:args.index('--work-dir') + 1] + [moved] + \
         args[args.index('--work-dir') + 2:] + ['--no-train']
     assert main(rebuilt_args) == 0
     assert capsys.readouterr().out.count('reusing finished run') == 2
     rebuilt = read_json(os.path.join(moved, 'comparison.json'))
-    assert rebuilt['runs'] == summary['runs']
+    assert [r['work_dir'] for r in rebuilt['runs']] == [
+        os.path.join(moved, 'student'),
+        os.path.join(moved, 'student', 'seed1')]
+    assert [dict(r, work_dir=None) for r in rebuilt['runs']] == \
+        [dict(r, work_dir=None) for r in summary['runs']]
+    # intervals and differences come from the moved replicates
     assert rebuilt['aggregate'] == again['aggregate']
+    assert rebuilt['aggregate'][0]['ci95'][key] == ci
 
 
 # ------------------------------------------------------- stubbed training

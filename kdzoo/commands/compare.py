@@ -417,7 +417,9 @@ def _contrasts(suite: Config, path: str) -> List[Tuple[str, str, str]]:
 
 def _finished(run_dir: str, run_hash) -> Optional[dict]:
     """The run's results.json when it was trained from this content hash
-    (or one of several: a tuple), else None."""
+    (or one of several: a tuple), else None. Its ``work_dir`` is set to
+    ``run_dir``, where it was found: records moved or copied elsewhere
+    (``--export-records``) read their bootstrap replicates from there."""
     import json
     path = os.path.join(run_dir, 'results.json')
     if not os.path.isfile(path):
@@ -428,7 +430,10 @@ def _finished(run_dir: str, run_hash) -> Optional[dict]:
     except (OSError, ValueError):
         return None
     accepted = run_hash if isinstance(run_hash, tuple) else (run_hash,)
-    return record if record.get('run_hash') in accepted else None
+    if record.get('run_hash') not in accepted:
+        return None
+    record['work_dir'] = run_dir
+    return record
 
 
 # what a finished run leaves that the comparison reads: reusing a run needs
