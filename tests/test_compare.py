@@ -323,6 +323,15 @@ def test_no_train_tabulates_the_finished_runs_only(tmp_path, monkeypatch,
     md = open(os.path.join(work, 'comparison.md')).read()
     (row,) = [ln for ln in md.splitlines() if ln.startswith('| kd |')]
     assert '±' not in row  # one seed of kd left
+    assert read_json(os.path.join(work, 'comparison.json'))['seeds'] == [0, 1]
+    # with every run's seed 1 gone, the table says it shows seed 0 only
+    os.remove(os.path.join(work, 'alone', 'seed1', 'results.json'))
+    suite_mod.run_suite(suite, work_dir=work, seeds=2, no_train=True)
+    summary = read_json(os.path.join(work, 'comparison.json'))
+    assert summary['seeds'] == [0]
+    assert summary['context']['seed_policy'] == 'one seed'
+    assert 'seeds: 0 / 1' not in open(os.path.join(work,
+                                                   'comparison.md')).read()
     assert main(['compare', suite, '--work-dir', work, '--no-train',
                  '--force']) == 2
     assert 'exclude each other' in capsys.readouterr().err

@@ -190,6 +190,10 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
         if not tasks:
             raise ConfigError(f'{path}: no run of the suite has finished in '
                               f'{work_dir}; run it without --no-train')
+        # the table, its context and the plot title name the seeds shown
+        present = {t['key'][1] for t in tasks}
+        seed_list = [s for s in seed_list if s in present] or seed_list[:1]
+    repeated = num_seeds > 1 and len(seed_list) > 1
     reused = [t['run_dir'] for t in tasks if t['record'] is not None]
     for task in tasks:
         if task['record'] is not None:
@@ -224,10 +228,10 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     suite_name = os.path.splitext(os.path.basename(path))[0]
     context = reproduction_context(
         records, suite=path, work_dir=work_dir, seeds=seed_list,
-        repeated=num_seeds > 1,
+        repeated=repeated,
         seed_policy=('students: one run per seed; teachers and runs with '
                      'seeds=False: one run (their recipe seed), shared by '
-                     'every seed') if num_seeds > 1 else 'one seed',
+                     'every seed') if repeated else 'one seed',
         wall_time_s=round(time.time() - t_start, 1), reused=reused,
         baseline=baseline, reference=reference, intervals=METHOD_NOTE,
         **parallel)
@@ -242,7 +246,7 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
                                           compare_keys, contrasted))
     from kdzoo.evaluation.plots import seeds_title, write_comparison_plot
     write_comparison_plot(entries, png,
-                          seeds_title(suite_name, seed_list, num_seeds > 1),
+                          seeds_title(suite_name, seed_list, repeated),
                           protocol=plot_opts.get('protocol'),
                           far=plot_opts.get('far', 1e-3))
     print_comparison(entries, columns, title=f'kdzoo compare: {path}',
