@@ -7,7 +7,11 @@
 # (recipes/_base_/real_faces.py); teachers are the pretrained ONNX models
 # in ../shared/teachers. Data paths: _base_/datasets/celeba299_lfw_cfp.py.
 #   kdzoo compare recipes/suites/real_faces.py --jobs 2 --threads 1
-# Results, wall time and device: docs/results/real_faces.md.
+# Results, wall time and device: docs/results/real_faces.md; the runs'
+# records (results.json, bootstrap.npz) are in docs/results/records/
+# real_faces/: a copy of it as --work-dir trains only what is missing, and
+#   --seeds 3 --export-records docs/results/records/real_faces
+# adds the new runs' records there (docs/compare.md).
 # Loss weights: every KD run gets the same 3-point search, trained on 249 of
 # the 299 training identities for 6 epochs and chosen by TAR@FAR=1e-3 over
 # all pairs of the 50 held out (never on LFW/CFP):
