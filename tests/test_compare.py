@@ -336,6 +336,24 @@ def test_no_train_tabulates_the_finished_runs_only(tmp_path, monkeypatch,
                  '--force']) == 2
     assert 'exclude each other' in capsys.readouterr().err
 
+    # exporting into a folder of earlier records: the same files replaced,
+    # others kept (later seeds are added to one folder)
+    kept = tmp_path / 'kept'
+    (kept / 'older').mkdir(parents=True)
+    (kept / 'older' / 'results.json').write_text('{}')
+    (kept / 'kd').mkdir()
+    (kept / 'kd' / 'results.json').write_text('stale')
+    suite_mod.run_suite(suite, work_dir=work, seeds=2, no_train=True,
+                        export_records=str(kept))
+    assert (kept / 'older' / 'results.json').read_text() == '{}'
+    assert read_json(kept / 'kd' / 'results.json')['run_hash'] == \
+        read_json(os.path.join(work, 'kd', 'results.json'))['run_hash']
+    assert not (kept / 'kd' / 'seed1').exists()  # not finished, not copied
+    assert main(['compare', suite, '--work-dir', work, '--no-train',
+                 '--export-records', str(kept / 'older' / 'results.json')]
+                ) == 2
+    assert 'is a file; give a folder' in capsys.readouterr().err
+
 
 def test_old_results_are_evaluated_again(tmp_path, monkeypatch):
     """A finished run from before the current evaluation (no curves, no

@@ -57,7 +57,8 @@ from typing import Dict, List, Optional, Tuple
 
 from mmengine.config import Config
 
-from kdzoo.utils import ConfigError, atomic_write_json, atomic_write_text
+from kdzoo.utils import (ConfigError, atomic_write_bytes, atomic_write_json,
+                         atomic_write_text)
 from kdzoo.engine.runner import (EVAL_VERSION, bootstrap_file, config_hash,
                                  load_recipe, test_recipe)
 
@@ -168,6 +169,10 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
                            suite.get('seeds', 1),
                            '--seeds' if seeds is not None else path)
     jobs, threads = check_jobs(jobs, threads)
+    if export_records and os.path.exists(export_records) and \
+            not os.path.isdir(export_records):
+        raise ConfigError(f'--export-records {export_records} is a file; '
+                          'give a folder (new or holding earlier records)')
     seed_list = list(range(num_seeds))
     if num_seeds > 1 and _sets_seed(cfg_options or {}):
         raise ConfigError(f'--cfg-options sets {_SEED_KEY} but --seeds '
@@ -459,14 +464,10 @@ def export_run_records(work_dir: str, run_dirs: List[str], dest: str) -> int:
     differences without training; without it, only the missing runs or
     seeds are trained). It holds no checkpoints: a run whose config reads
     another run's checkpoint cannot be trained from it."""
-    from kdzoo.utils.fileio import atomic_write_bytes
     root = os.path.abspath(work_dir)
     copies = []
-    for run_dir in run_dirs:
+    for run_dir in run_dirs:  # inside work_dir (see _plan)
         rel = os.path.relpath(os.path.abspath(run_dir), root)
-        if rel.startswith(os.pardir):
-            raise ConfigError(f'run dir {run_dir} is not inside the work dir '
-                              f'{work_dir}; its records cannot be exported')
         copies += [os.path.join(rel, name) for name in RECORD_FILES
                    if os.path.isfile(os.path.join(run_dir, name))]
     copies += [n for n in COMPARISON_FILES
