@@ -48,22 +48,22 @@ def reference_rkd(s, t, w_d, w_a):
             w_a * smooth_l1(angle(s), angle(t)))
 
 
-def reference_sp(s, t, mode):
-    def gram(x):
-        x = x.reshape(len(x), -1).double().numpy()
-        n = len(x)
-        if mode == 'tface':
-            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True),
-                               1e-12)
-        g = np.array([[(x[i] * x[j]).sum() for j in range(n)]
-                      for i in range(n)])
-        if mode == 'repdistiller':
-            g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True),
-                               1e-12)
-        return g
+def _gram_reference(x, mode):
+    x = x.reshape(len(x), -1).double().numpy()
+    n = len(x)
+    if mode == 'tface':
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    g = np.array([[(x[i] * x[j]).sum() for j in range(n)]
+                  for i in range(n)])
+    if mode == 'repdistiller':
+        g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+    return g
 
+
+def reference_sp(s, t, mode):
     n = len(s)
-    return float(((gram(t) - gram(s))**2).sum() / (n * n))
+    return float(((_gram_reference(t, mode) - _gram_reference(s, mode))**2)
+                 .sum() / (n * n))
 
 
 def reference_cc(s, t, gamma, orders):
@@ -214,6 +214,48 @@ def test_sp_gradients_weight_validation():
         SPLoss()(torch.randn(4), torch.randn(4, 6))
     with pytest.raises(ConfigError, match='mode'):
         SPLoss(mode='paper')
+
+
+def test_sp_two_teachers_hand_computed():
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t1 = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # cosine matrix: ones
+    t2 = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # [[1, -1], [-1, 1]]
+    # tface, equal weights: target [[1, 0], [0, 1]] = G_s -> 0
+    loss = SPLoss(mode='tface')
+    assert loss(s, t1, t2).item() == pytest.approx(0.0, abs=1e-7)
+    # weights (0.75, 0.25): off-diagonal target 0.5, G_s 0: 2 * 0.25 / 4
+    loss = SPLoss(mode='tface', teacher_weights=(0.75, 0.25))
+    assert loss(s, t1, t2).item() == pytest.approx(0.125, abs=1e-7)
+    # all weight on one teacher: the one-teacher loss of that teacher
+    assert SPLoss(mode='tface', teacher_weights=(0, 1))(s, t1, t2).item() \
+        == pytest.approx(SPLoss(mode='tface')(s, t2).item(), abs=1e-7)
+
+
+@pytest.mark.parametrize('mode', ['repdistiller', 'tface'])
+def test_sp_two_teachers_match_loop_reference(mode):
+    s, t1, t2 = torch.randn(6, 2, 3, 3), torch.randn(6, 5), torch.randn(6, 9)
+    loss = SPLoss(mode=mode, teacher_weights=(0.3, 0.7), loss_weight=2.0)
+
+    n = len(s)
+    g1 = np.array(_gram_reference(t1, mode))
+    g2 = np.array(_gram_reference(t2, mode))
+    gs = np.array(_gram_reference(s, mode))
+    expect = ((0.3 * g1 + 0.7 * g2 - gs)**2).sum() / (n * n)
+    assert loss(s, t1, t2).item() == pytest.approx(2.0 * expect, rel=1e-5)
+
+
+def test_sp_two_teachers_gradients_and_validation():
+    s = torch.randn(4, 6, requires_grad=True)
+    t1 = torch.randn(4, 3, requires_grad=True)
+    t2 = torch.randn(4, 8, requires_grad=True)
+    SPLoss(mode='tface')(s, t1, t2).backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0
+    assert t1.grad is None and t2.grad is None
+    with pytest.raises(ValueError, match='t_feat2 has shape'):
+        SPLoss()(torch.randn(4, 6), torch.randn(4, 6), torch.randn(5, 6))
+    for bad in ((0.5, 0.6), (1.5, -0.5), (1.0,), 0.5):
+        with pytest.raises(ConfigError, match='teacher_weights'):
+            SPLoss(teacher_weights=bad)
 
 
 # ------------------------------------------------------------ CC

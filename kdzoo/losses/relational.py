@@ -6,7 +6,7 @@ teacher dimensions may differ and no connector is needed. The teacher side is
 always detached.
 """
 import math
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -140,27 +140,53 @@ class SPLoss(BaseDistillLoss):
     the cosine-similarity matrix and is NOT row-normalised; same reduction
     ``||G_t - G_s||_F^2 / B^2``.
 
+    Two teachers (kdzoo's extension, in neither the paper nor either
+    reference): with ``t_feat2`` bound as well, the target is the weighted
+    mean of the two teachers' matrices,
+    ``G_t = w_1 G(t_feat) + w_2 G(t_feat2)`` with ``teacher_weights``
+    ``(w_1, w_2)`` summing to 1, so the student follows a mix of both
+    teachers' batch similarities; the teachers' dimensions may differ from
+    each other and from the student's (no projector is needed).
+
     Args:
         mode: ``'repdistiller'`` or ``'tface'``.
+        teacher_weights: ``(w_1, w_2)``, each >= 0, summing to 1; used only
+            when ``t_feat2`` is bound.
         loss_weight: multiplier (RepDistiller/mdistiller beta = 3000 on CIFAR
             stage maps; not face-tuned).
 
-    Forward args: ``s_feat``, ``t_feat``: B×D embeddings or B×C×H×W maps
-    (any ndim >= 2 is flattened to B×N); the dimensions may differ.
+    Forward args: ``s_feat``, ``t_feat`` and optionally ``t_feat2``: B×D
+    embeddings or B×C×H×W maps (any ndim >= 2 is flattened to B×N); the
+    dimensions may differ.
     """
 
     MODES = ('repdistiller', 'tface')
 
-    def __init__(self, mode: str = 'repdistiller', loss_weight: float = 1.0):
+    def __init__(self, mode: str = 'repdistiller',
+                 teacher_weights: Sequence[float] = (0.5, 0.5),
+                 loss_weight: float = 1.0):
         super().__init__(loss_weight)
         if mode not in self.MODES:
             raise ConfigError(f'SPLoss: mode must be one of {self.MODES}, got '
                               f'{mode!r}')
         self.mode = mode
+        if not isinstance(teacher_weights, (list, tuple)) or \
+                len(teacher_weights) != 2:
+            raise ConfigError('SPLoss: teacher_weights must be two numbers '
+                              f'(w_1, w_2), got {teacher_weights!r}')
+        weights = tuple(check_number('SPLoss', 'teacher_weights', w, 0)
+                        for w in teacher_weights)
+        if abs(sum(weights) - 1.0) > 1e-6:
+            raise ConfigError(f'SPLoss: teacher_weights {teacher_weights!r} '
+                              'must sum to 1 (e.g. (0.5, 0.5)), so that the '
+                              'mixed target stays a similarity matrix')
+        self.teacher_weights = weights
 
     def check_shapes(self, shapes):
-        _check_pair(shapes, 's_feat', 't_feat', (2, 3, 4, 5),
-                    'B×D embeddings or B×C×H×W maps (>= 2-D)')
+        what = 'B×D embeddings or B×C×H×W maps (>= 2-D)'
+        _check_pair(shapes, 's_feat', 't_feat', (2, 3, 4, 5), what)
+        if 't_feat2' in shapes:
+            _check_pair(shapes, 's_feat', 't_feat2', (2, 3, 4, 5), what)
 
     def _gram(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
@@ -169,16 +195,20 @@ class SPLoss(BaseDistillLoss):
             return x @ x.t()
         return F.normalize(x @ x.t(), p=2, dim=1)
 
-    def loss(self, s_feat: torch.Tensor,
-             t_feat: torch.Tensor) -> torch.Tensor:
+    def loss(self, s_feat: torch.Tensor, t_feat: torch.Tensor,
+             t_feat2: Optional[torch.Tensor] = None) -> torch.Tensor:
         bsz = s_feat.shape[0]
         g_s = self._gram(s_feat.float())
         g_t = self._gram(t_feat.float())
+        if t_feat2 is not None:
+            w_1, w_2 = self.teacher_weights
+            g_t = w_1 * g_t + w_2 * self._gram(t_feat2.float())
         loss = (g_t - g_s).pow(2).sum() / (bsz * bsz)
         return loss
 
     def extra_repr(self):
-        return f'mode={self.mode!r}, ' + super().extra_repr()
+        return (f'mode={self.mode!r}, teacher_weights={self.teacher_weights}, '
+                + super().extra_repr())
 
 
 @LOSSES.register_module()

@@ -1,0 +1,31 @@
+# Real data, both teachers mixed per sample: final angular terms to the
+# sirius teacher (192-d, the student's embedding directly) and to the
+# faceplugin teacher (512-d, through a Linear+BN projector 192 -> 512),
+# weighted per image by a small gate on the two teachers' embeddings
+# (TeacherAttentionAngularLoss: kdzoo's alternative reading of LIAAD,
+# reconstructed, see docs/liaad.md). Beside two_teacher_angular.py, which
+# sums the same two terms with fixed weights, it asks whether letting each
+# image lean on the teacher it can follow helps. Both embeddings cached,
+# no identity loss. The loss is a weighted mean of the two terms, so its
+# weight compares with the sum of two_teacher_angular's (128 + 128); 256
+# pending the search in recipes/suites/real_faces_ablations.py (over 64,
+# 256, 1024).
+_base_ = ['./angular_kd_no_id.py']
+model = dict(
+    teachers=dict(
+        teacher_fr2=dict(type='OnnxTeacher',
+                         file='../shared/teachers/faceplugin_fr_feature.onnx',
+                         input_size=(112, 112))),
+    teacher_cache=dict(teachers=['teacher_fr', 'teacher_fr2']),
+    connectors=dict(
+        proj_fr2=dict(type='LinearProjector', out_features=512)),
+    distill_losses=dict(
+        _delete_=True,
+        loss_gate=dict(
+            type='TeacherAttentionAngularLoss', p=2, tau=1.0, alpha_min=0.1,
+            beta=0.1, loss_weight=256.0,
+            inputs=dict(s_emb_1='student.embedding',
+                        t_emb_1='teacher_fr.embedding',
+                        s_emb_2=dict(tap='student.embedding',
+                                     connector='proj_fr2'),
+                        t_emb_2='teacher_fr2.embedding'))))

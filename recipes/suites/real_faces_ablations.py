@@ -1,0 +1,56 @@
+# What the field does for small students on little data, tried on the
+# real-faces suite (recipes/suites/real_faces.py, whose runs, data,
+# protocol, reference and weight-search set-up this file takes over):
+#   - a longer schedule: angular KD alone, LIAAD and angular_attention at
+#     24 epochs instead of 12 (the same weights; the LR schedule stretches
+#     with the epochs);
+#   - mixing both teachers: their batch similarity matrices averaged
+#     (angular_mixed_similarity) or their angular terms weighted per image
+#     by a learned gate (two_teacher_gated), each with its own 3-point
+#     weight search on the held-out CelebA-299 identities:
+#       kdzoo compare recipes/suites/real_faces_ablations.py --grid \
+#           --jobs 2 --threads 1
+#   - then the runs themselves, beside the suite's own (same work dir, so
+#     the suite's finished runs are reused, not retrained):
+#       kdzoo compare recipes/suites/real_faces_ablations.py --jobs 2 \
+#           --threads 1
+# Results: docs/results/real_faces.md. Each added run costs about 35 min
+# (12 epochs) or 70 min (24 epochs) of one core; a weight search about
+# 55 min of one core per method.
+from mmengine.config import read_base
+
+with read_base():
+    from .real_faces import *  # noqa: F401,F403
+
+_long = {'train_cfg.max_epochs': 24}
+runs = runs + [  # noqa: F405
+    dict(name='angular_mixed_similarity',
+         recipe='../real_faces/angular_mixed_similarity.py'),
+    dict(name='two_teacher_gated',
+         recipe='../real_faces/two_teacher_gated.py'),
+    dict(name='angular_kd_no_id_24ep',
+         recipe='../real_faces/angular_kd_no_id.py', cfg_options=_long),
+    dict(name='liaad_24ep', recipe='../real_faces/liaad.py',
+         cfg_options=_long),
+    dict(name='angular_attention_24ep',
+         recipe='../real_faces/angular_attention.py', cfg_options=_long),
+]
+contrasts = contrasts + [  # noqa: F405
+    ('angular_mixed_similarity', 'angular_kd_no_id',
+     "both teachers' similarities mixed"),
+    ('two_teacher_gated', 'two_teacher_angular',
+     'per-image gate vs fixed weights'),
+    ('angular_kd_no_id_24ep', 'angular_kd_no_id', '24 vs 12 epochs'),
+    ('liaad_24ep', 'liaad', '24 vs 12 epochs'),
+    ('angular_attention_24ep', 'angular_attention', '24 vs 12 epochs'),
+]
+# the search covers the added methods only (the suite's own weights are
+# searched by recipes/suites/real_faces.py --grid)
+grid = dict(grid, runs=dict(  # noqa: F405
+    angular_mixed_similarity={
+        'model.distill_losses.loss_mix.loss_weight': [100.0, 1000.0,
+                                                      10000.0]},
+    two_teacher_gated={
+        'model.distill_losses.loss_gate.loss_weight': [64.0, 256.0,
+                                                       1024.0]},
+))
