@@ -10,15 +10,8 @@
 # weight compares with the sum of two_teacher_angular's (128 + 128); 256
 # pending the search in recipes/suites/real_faces_ablations.py (over 64,
 # 256, 1024).
-_base_ = ['./angular_kd_no_id.py']
+_base_ = ['./two_teacher_angular.py']  # teachers, cache, projector
 model = dict(
-    teachers=dict(
-        teacher_fr2=dict(type='OnnxTeacher',
-                         file='../shared/teachers/faceplugin_fr_feature.onnx',
-                         input_size=(112, 112))),
-    teacher_cache=dict(teachers=['teacher_fr', 'teacher_fr2']),
-    connectors=dict(
-        proj_fr2=dict(type='LinearProjector', out_features=512)),
     distill_losses=dict(
         _delete_=True,
         loss_gate=dict(
