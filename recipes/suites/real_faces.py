@@ -54,7 +54,8 @@ contrasts = [
 columns = [('LFW acc %', 'lfw/accuracy'), ('LFW TAR@1e-3', 'lfw/TAR@FAR=1e-3'),
            ('CFP-FF acc %', 'cfp_ff/accuracy'),
            ('CFP-FF TAR@1e-3', 'cfp_ff/TAR@FAR=1e-3')]
-compare_keys = ['lfw/accuracy', 'lfw/TAR@FAR=1e-3', 'cfp_ff/TAR@FAR=1e-3']
+compare_keys = ['lfw/accuracy', 'lfw/TAR@FAR=1e-3', 'cfp_ff/accuracy',
+                'cfp_ff/TAR@FAR=1e-3']
 plot = dict(protocol='lfw', far=1e-3)
 
 _val = dict(data_root='../shared/data/train/celeba299/images',
