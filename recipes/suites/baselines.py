@@ -2,9 +2,20 @@
 # angular KD and the LIAAD recipes (recipes/liaad/), on the same student, FR
 # teacher, SynthFaceAge data and protocol. LIAAD's second teacher is trained
 # here too (recipes/teachers/iresnet_age_invariant_synthface_age.py).
-# `kdzoo compare recipes/suites/baselines.py` trains what is missing and
-# tabulates; one seed (seed 0).
+# `kdzoo compare recipes/suites/baselines.py --seeds 3` trains what is
+# missing (teachers once, every student at seeds 0, 1, 2) and marks each
+# student's difference to the student alone and to KD (the best baseline of
+# the default suite, recipes/suites/synthface_age.py) as better / worse /
+# not distinguishable.
 work_dir = 'work_dirs/baselines'
+reference = 'kd'
+contrasts = [
+    ('liaad', 'liaad_fr_stagewise', "age teacher's attention terms"),
+    ('liaad', 'liaad_age_attention', "FR teacher's angular terms"),
+    ('liaad_fr_stagewise', 'angular_kd', "FR teacher's stage-wise terms"),
+    ('liaad_teacher_attention', 'liaad',
+     'earlier per-sample two-teacher reading vs the figure reading'),
+]
 _teacher = {'model.teachers.teacher_fr.checkpoint': '{teacher}/backbone.pth'}
 _teacher_head = dict(
     _teacher,
