@@ -15,6 +15,13 @@ contrasts = [
     ('liaad_fr_stagewise', 'angular_kd', "FR teacher's stage-wise terms"),
     ('liaad_teacher_attention', 'liaad',
      'earlier per-sample two-teacher reading vs the figure reading'),
+    # against DKD, the baseline with the highest mean cross-age TAR@1e-3 in
+    # the three-seed run (docs/results/baselines.md), and its closest rivals
+    ('liaad', 'dkd', 'LIAAD vs the top baseline'),
+    ('liaad_fr_stagewise', 'dkd',
+     "LIAAD's FR-teacher part vs the top baseline"),
+    ('dkd', 'margin_kd', 'top two baselines'),
+    ('dkd', 'embedding_l2', 'top baseline vs the best feature baseline'),
 ]
 _teacher = {'model.teachers.teacher_fr.checkpoint': '{teacher}/backbone.pth'}
 _teacher_head = dict(
