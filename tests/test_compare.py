@@ -301,6 +301,56 @@ def test_rerun_with_stub_trains_nothing(tmp_path, monkeypatch):
     assert len(n) == 6
 
 
+def test_records_reading_a_checkpoint_are_reused_at_another_path(
+        tmp_path, monkeypatch):
+    """A run that reads another run's checkpoint ('{teacher}/backbone.pth')
+    is found again from a copy of the work dir elsewhere; records stamped
+    under the older, path-dependent hash are reused where they were
+    trained and re-stamped there, after which their copies travel too."""
+    monkeypatch.setattr(jobs_mod, 'train_recipe', fake_record)
+    suite = write_suite(tmp_path / 's.py', KD_SUITE.replace(', seeds=TS', ''))
+    first = str(tmp_path / 'first')
+    suite_mod.run_suite(suite, work_dir=first, seeds=2)
+
+    def no_training(cfg):
+        raise AssertionError(f'{cfg.experiment_name} trained again')
+
+    monkeypatch.setattr(jobs_mod, 'train_recipe', no_training)
+    copy = str(tmp_path / 'copy')
+    shutil.copytree(first, copy)
+    records = suite_mod.run_suite(suite, work_dir=copy, seeds=2)
+    assert len(records) == 6
+
+    # the older rule: the teacher's path inside the student's hash
+    kd_json = os.path.join(first, 'kd', 'seed1', 'results.json')
+    current = read_json(kd_json)['run_hash']
+    tasks = suite_mod._plan(suite_mod.load_suite(suite), suite, first,
+                            False, None, 2, [0, 1])
+    (kd, ) = [t for t in tasks if t['key'] == ('kd', 1)]
+    (teacher, ) = [t for t in tasks if t['key'] == ('teacher', None)]
+    path_hash = suite_mod._run_hashes(kd['cfg'], {}, teacher['run_hash'],
+                                      teacher['run_hash'])[0]
+    assert path_hash != current == kd['run_hash']
+    old = read_json(kd_json)
+    old['run_hash'] = path_hash
+    with open(kd_json, 'w') as f:
+        json.dump(old, f)
+    moved = str(tmp_path / 'moved')
+    shutil.copytree(first, moved)
+    calls = []
+    monkeypatch.setattr(jobs_mod, 'train_recipe',
+                        lambda cfg: calls.append(cfg.experiment_name) or
+                        fake_record(cfg))
+    suite_mod.run_suite(suite, work_dir=moved, seeds=2)
+    assert calls == ['kd']  # an old stamp is not found elsewhere ...
+    monkeypatch.setattr(jobs_mod, 'train_recipe', no_training)
+    suite_mod.run_suite(suite, work_dir=first, seeds=2)  # ... but here
+    assert read_json(kd_json)['run_hash'] == current  # and re-stamped
+    again = str(tmp_path / 'again')
+    shutil.copytree(first, again)
+    assert len(suite_mod.run_suite(suite, work_dir=again, seeds=2)) == 6
+
+
 def test_no_train_tabulates_the_finished_runs_only(tmp_path, monkeypatch,
                                                   capsys):
     n = []

@@ -50,6 +50,7 @@ differences, and the context) and
 ``comparison.png`` (TAR-vs-FAR curves and TAR@FAR=1e-3 bars).
 """
 import hashlib
+import json
 import os
 import re
 import time
@@ -279,6 +280,7 @@ def _plan(suite: Config, path: str, work_dir: str, force: bool,
     # name -> {seed: dir/hash}; seed None: a run trained once
     run_dirs: Dict[str, dict] = {}
     hashes: Dict[str, dict] = {}
+    stored: Dict[str, dict] = {}  # the hash a reused run was found under
     tasks = []
     for run in suite['runs']:
         name = run['name']
@@ -289,7 +291,7 @@ def _plan(suite: Config, path: str, work_dir: str, force: bool,
                 f'{path}: run {name!r} sets {_SEED_KEY} in its cfg_options '
                 f'but is repeated over --seeds {num_seeds}; give it '
                 'seeds=False or drop the seed override')
-        dirs_by_seed, hashes_by_seed = {}, {}
+        dirs_by_seed, hashes_by_seed, stored_by_seed = {}, {}, {}
         for seed in (seed_list if repeated else [None]):
             run_dir = os.path.join(work_dir, name) if not seed else \
                 os.path.join(work_dir, name, f'seed{seed}')
@@ -304,10 +306,15 @@ def _plan(suite: Config, path: str, work_dir: str, force: bool,
             recipe = _resolve_recipe(run['recipe'], path)
             cfg = load_recipe(recipe, options, run_dir)
             cfg.experiment_name = name
-            run_hash, older_hash = _run_hashes(cfg, ''.join(
-                _for_seed(hashes[d], seed) for d in sorted(deps)))
+            run_hash, *legacy = _run_hashes(
+                cfg, {_for_seed(run_dirs[d], seed): d for d in deps},
+                ''.join(_for_seed(hashes[d], seed) for d in sorted(deps)),
+                ''.join(_for_seed(stored[d], seed) for d in sorted(deps)))
             record = None if force else _finished(
-                run_dir, (run_hash, older_hash))
+                run_dir, (run_hash, *legacy))
+            stored_hash = record['run_hash'] if record else run_hash
+            if record and stored_hash != run_hash:
+                _restamp(run_dir, record, run_hash)
             tasks.append(dict(
                 key=(name, seed), run_dir=run_dir, recipe=recipe,
                 options=options, cfg=cfg, run_hash=run_hash, role=role,
@@ -316,10 +323,13 @@ def _plan(suite: Config, path: str, work_dir: str, force: bool,
                 deps=sorted((d, _seed_key(run_dirs[d], seed)) for d in deps),
                 record=record))
             dirs_by_seed[seed] = run_dir
-            # what runs depending on this one chain on: the hash of the run
-            # they will read (a reused one's stored hash)
-            hashes_by_seed[seed] = record['run_hash'] if record else run_hash
+            # what runs depending on this one chain on: its current hash,
+            # and (for records stamped under an older rule) the hash it was
+            # found under
+            hashes_by_seed[seed] = run_hash
+            stored_by_seed[seed] = stored_hash
         run_dirs[name], hashes[name] = dirs_by_seed, hashes_by_seed
+        stored[name] = stored_by_seed
     return tasks
 
 
@@ -328,12 +338,35 @@ def _plan(suite: Config, path: str, work_dir: str, force: bool,
 _OLDER_HASH_IGNORED = ('work_dir', 'resume', 'load_from', 'launcher')
 
 
-def _run_hashes(cfg: Config, dep_hashes: str) -> tuple:
-    """A run's content hash (its config and the hashes of the runs it
-    reads), and the hash the same run had under the older rule."""
-    return tuple(
-        hashlib.sha256((config_hash(cfg, *ignored) + dep_hashes).encode())
-        .hexdigest() for ignored in ((), (_OLDER_HASH_IGNORED,)))
+def _run_hashes(cfg: Config, dep_dirs: Dict[str, str], dep_hashes: str,
+                stored_dep_hashes: str) -> tuple:
+    """A run's content hash, then the hashes the same run had under older
+    rules (still reused). The content hash covers its config, with the
+    folders of the runs it reads (``dep_dirs``: folder -> run name) written
+    as ``{name}``, and those runs' hashes, so records copied to another
+    work dir are still found. Older rules: the folders' paths in the hash
+    (and the dependencies' hashes as stored then), and before that
+    ``_OLDER_HASH_IGNORED``."""
+    def sha(text):
+        return hashlib.sha256(text.encode()).hexdigest()
+    return (sha(config_hash(cfg, placeholders=dep_dirs) + dep_hashes),
+            sha(config_hash(cfg) + stored_dep_hashes),
+            sha(config_hash(cfg, _OLDER_HASH_IGNORED) + stored_dep_hashes))
+
+
+def _restamp(run_dir: str, record: dict, run_hash: str) -> None:
+    """Store the current content hash in a reused run's results.json
+    (found under an older rule), so that its records, copied elsewhere,
+    are found there too; a read-only work dir is left as it is."""
+    path = os.path.join(run_dir, 'results.json')
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        data['run_hash'] = run_hash
+        atomic_write_json(path, data)
+    except OSError:
+        return
+    record['run_hash'] = run_hash
 
 
 def _seed_key(by_seed: dict, seed):

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from typing import Optional
 
@@ -285,13 +286,22 @@ HASH_IGNORED_KEYS = ('work_dir', 'resume', 'load_from', 'launcher',
                      'tensorboard')
 
 
-def config_hash(cfg: Config, ignored=HASH_IGNORED_KEYS) -> str:
+def config_hash(cfg: Config, ignored=HASH_IGNORED_KEYS,
+                placeholders: Optional[dict] = None) -> str:
     """SHA-256 of the resolved config without the ``ignored`` top-level
-    keys (by default where the run is written and where it logs)."""
+    keys (by default where the run is written and where it logs).
+    ``placeholders`` maps a folder to the name that stands for it in the
+    hashed text (a path below that folder hashes as ``{name}/...``), so
+    the hash does not depend on where those folders are."""
     data = cfg.to_dict()
     for key in ignored:
         data.pop(key, None)
     text = json.dumps(data, sort_keys=True, default=str)
+    # longest folder first, so that a/b is not replaced inside a/bc/...
+    for folder, name in sorted((placeholders or {}).items(),
+                               key=lambda item: -len(item[0])):
+        quoted = re.escape(json.dumps(folder)[1:-1])
+        text = re.sub(quoted + r'(?=[/\\\\"])', '{' + name + '}', text)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
