@@ -462,7 +462,6 @@ def _finished(run_dir: str, run_hash) -> Optional[dict]:
     (or one of several: a tuple), else None. Its ``work_dir`` is set to
     ``run_dir``, where it was found: records moved or copied elsewhere
     (``--export-records``) read their bootstrap replicates from there."""
-    import json
     path = os.path.join(run_dir, 'results.json')
     if not os.path.isfile(path):
         return None

@@ -297,11 +297,12 @@ def config_hash(cfg: Config, ignored=HASH_IGNORED_KEYS,
     for key in ignored:
         data.pop(key, None)
     text = json.dumps(data, sort_keys=True, default=str)
-    # longest folder first, so that a/b is not replaced inside a/bc/...
+    # longest folder first (a/b/c before a/b)
     for folder, name in sorted((placeholders or {}).items(),
                                key=lambda item: -len(item[0])):
         quoted = re.escape(json.dumps(folder)[1:-1])
-        text = re.sub(quoted + r'(?=[/\\\\"])', '{' + name + '}', text)
+        # followed by a separator or the string's end: a/b, not a/bc
+        text = re.sub(quoted + r'(?=[/\\"])', '{' + name + '}', text)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
