@@ -3,7 +3,10 @@
 # protocol, reference and weight-search set-up this file takes over):
 #   - a longer schedule: angular KD alone, LIAAD and angular_attention at
 #     24 epochs instead of 12 (the same weights; the LR schedule stretches
-#     with the epochs);
+#     with the epochs), and LIAAD at 48;
+#   - a wider student within the 0.5 M budget: LIAAD at 24 epochs
+#     with MobileFaceNet width 0.45 (0.431 M parameters instead of 0.295 M;
+#     the training-only projector is not counted);
 #   - mixing both teachers: their batch similarity matrices averaged
 #     (angular_mixed_similarity) or their angular terms weighted per image
 #     by a learned gate (two_teacher_gated), each with its own 3-point
@@ -15,7 +18,7 @@
 #       kdzoo compare recipes/suites/real_faces_ablations.py --jobs 2 \
 #           --threads 1
 # Results: docs/results/real_faces.md. Each added run costs about 35 min
-# (12 epochs) or 70 min (24 epochs) of one core; a weight search about
+# (12 epochs), 70 min (24 epochs) or 140 min (48 epochs) of one core; a weight search about
 # 55 min of one core per method.
 from mmengine.config import read_base
 
@@ -34,6 +37,11 @@ runs = runs + [  # noqa: F405
          cfg_options=_long),
     dict(name='angular_attention_24ep',
          recipe='../real_faces/angular_attention.py', cfg_options=_long),
+    dict(name='liaad_48ep', recipe='../real_faces/liaad.py',
+         cfg_options={'train_cfg.max_epochs': 48}),
+    dict(name='liaad_wide_24ep', recipe='../real_faces/liaad.py',
+         cfg_options=dict(_long, **{'model.student.backbone.width_mult':
+                                    0.45})),
 ]
 contrasts = contrasts + [  # noqa: F405
     ('angular_mixed_similarity', 'angular_kd_no_id',
@@ -43,6 +51,9 @@ contrasts = contrasts + [  # noqa: F405
     ('angular_kd_no_id_24ep', 'angular_kd_no_id', '24 vs 12 epochs'),
     ('liaad_24ep', 'liaad', '24 vs 12 epochs'),
     ('angular_attention_24ep', 'angular_attention', '24 vs 12 epochs'),
+    ('liaad_24ep', 'angular_kd_no_id_24ep', "LIAAD's terms at 24 epochs"),
+    ('liaad_48ep', 'liaad_24ep', '48 vs 24 epochs'),
+    ('liaad_wide_24ep', 'liaad_24ep', 'width 0.45 vs 0.35 student'),
 ]
 # the search covers the added methods only (the suite's own weights are
 # searched by recipes/suites/real_faces.py --grid)
