@@ -4,9 +4,9 @@
 #   - a longer schedule: angular KD alone, LIAAD and angular_attention at
 #     24 epochs instead of 12 (the same weights; the LR schedule stretches
 #     with the epochs), and LIAAD at 48;
-#   - a wider student within the 0.5 M budget: LIAAD at 24 epochs
-#     with MobileFaceNet width 0.45 (0.431 M parameters instead of 0.295 M;
-#     the training-only projector is not counted);
+#   - a wider student within the 0.5 M budget: LIAAD at 24 and 48
+#     epochs with MobileFaceNet width 0.45 (0.431 M parameters instead of
+#     0.295 M; the training-only projector is not counted);
 #   - mixing both teachers: their batch similarity matrices averaged
 #     (angular_mixed_similarity) or their angular terms weighted per image
 #     by a learned gate (two_teacher_gated), each with its own 3-point
@@ -42,6 +42,9 @@ runs = runs + [  # noqa: F405
     dict(name='liaad_wide_24ep', recipe='../real_faces/liaad.py',
          cfg_options=dict(_long, **{'model.student.backbone.width_mult':
                                     0.45})),
+    dict(name='liaad_wide_48ep', recipe='../real_faces/liaad.py',
+         cfg_options={'train_cfg.max_epochs': 48,
+                      'model.student.backbone.width_mult': 0.45}),
 ]
 contrasts = contrasts + [  # noqa: F405
     ('angular_mixed_similarity', 'angular_kd_no_id',
@@ -54,6 +57,7 @@ contrasts = contrasts + [  # noqa: F405
     ('liaad_24ep', 'angular_kd_no_id_24ep', "LIAAD's terms at 24 epochs"),
     ('liaad_48ep', 'liaad_24ep', '48 vs 24 epochs'),
     ('liaad_wide_24ep', 'liaad_24ep', 'width 0.45 vs 0.35 student'),
+    ('liaad_wide_48ep', 'liaad_wide_24ep', '48 vs 24 epochs, width 0.45'),
 ]
 # the search covers the added methods only (the suite's own weights are
 # searched by recipes/suites/real_faces.py --grid)
