@@ -3,7 +3,7 @@
 # protocol, reference and weight-search set-up this file takes over):
 #   - a longer schedule: angular KD alone, LIAAD and angular_attention at
 #     24 epochs instead of 12 (the same weights; the LR schedule stretches
-#     with the epochs), and LIAAD at 48;
+#     with the epochs), and angular KD alone and LIAAD at 48;
 #   - a wider student within the 0.5 M budget: LIAAD at 24 and 48
 #     epochs with MobileFaceNet width 0.45 (0.431 M parameters instead of
 #     0.295 M; the training-only projector is not counted);
@@ -39,6 +39,9 @@ runs = runs + [  # noqa: F405
          recipe='../real_faces/angular_attention.py', cfg_options=_long),
     dict(name='liaad_48ep', recipe='../real_faces/liaad.py',
          cfg_options={'train_cfg.max_epochs': 48}),
+    dict(name='angular_kd_no_id_48ep',
+         recipe='../real_faces/angular_kd_no_id.py',
+         cfg_options={'train_cfg.max_epochs': 48}),
     dict(name='liaad_wide_24ep', recipe='../real_faces/liaad.py',
          cfg_options=dict(_long, **{'model.student.backbone.width_mult':
                                     0.45})),
@@ -56,6 +59,8 @@ contrasts = contrasts + [  # noqa: F405
     ('angular_attention_24ep', 'angular_attention', '24 vs 12 epochs'),
     ('liaad_24ep', 'angular_kd_no_id_24ep', "LIAAD's terms at 24 epochs"),
     ('liaad_48ep', 'liaad_24ep', '48 vs 24 epochs'),
+    ('angular_kd_no_id_48ep', 'angular_kd_no_id_24ep', '48 vs 24 epochs'),
+    ('liaad_48ep', 'angular_kd_no_id_48ep', "LIAAD's terms at 48 epochs"),
     ('liaad_wide_24ep', 'liaad_24ep', 'width 0.45 vs 0.35 student'),
     ('liaad_wide_48ep', 'liaad_wide_24ep', '48 vs 24 epochs, width 0.45'),
 ]
