@@ -100,7 +100,7 @@ def test_recipe_builds_trains_one_step_and_matches_golden(recipe,
     for key in names:
         key = key if key.startswith('loss') else f'loss_{key}'
         assert key in losses, f'{key} missing from {sorted(losses)}'
-    values = {k: float(v) for k, v in losses.items()}
+    values = {k: float(v.detach()) for k, v in losses.items()}
     name = os.path.basename(recipe)[:-3]
     if os.environ.get('KDZOO_UPDATE_GOLDEN'):
         golden = _golden()
