@@ -17,8 +17,9 @@
 #     the suite's finished runs are reused, not retrained):
 #       kdzoo compare recipes/suites/real_faces_ablations.py --jobs 2 \
 #           --threads 1
-# Results: docs/results/real_faces.md. Each added run costs about 35 min
-# (12 epochs), 70 min (24 epochs) or 140 min (48 epochs) of one core; a weight search about
+# Results: docs/results/real_faces.md. Measured on a 2-core EPYC, one
+# thread per run, two at a time: a run trains in about 20-30 min (12
+# epochs), 40-50 min (24) or 75-80 min (48); a weight search takes about
 # 55 min of one core per method.
 from mmengine.config import read_base
 
@@ -26,6 +27,8 @@ with read_base():
     from .real_faces import *  # noqa: F401,F403
 
 _long = {'train_cfg.max_epochs': 24}
+_longer = {'train_cfg.max_epochs': 48}
+_wide = {'model.student.backbone.width_mult': 0.45}
 runs = runs + [  # noqa: F405
     dict(name='angular_mixed_similarity',
          recipe='../real_faces/angular_mixed_similarity.py'),
@@ -38,16 +41,13 @@ runs = runs + [  # noqa: F405
     dict(name='angular_attention_24ep',
          recipe='../real_faces/angular_attention.py', cfg_options=_long),
     dict(name='liaad_48ep', recipe='../real_faces/liaad.py',
-         cfg_options={'train_cfg.max_epochs': 48}),
+         cfg_options=_longer),
     dict(name='angular_kd_no_id_48ep',
-         recipe='../real_faces/angular_kd_no_id.py',
-         cfg_options={'train_cfg.max_epochs': 48}),
+         recipe='../real_faces/angular_kd_no_id.py', cfg_options=_longer),
     dict(name='liaad_wide_24ep', recipe='../real_faces/liaad.py',
-         cfg_options=dict(_long, **{'model.student.backbone.width_mult':
-                                    0.45})),
+         cfg_options={**_long, **_wide}),
     dict(name='liaad_wide_48ep', recipe='../real_faces/liaad.py',
-         cfg_options={'train_cfg.max_epochs': 48,
-                      'model.student.backbone.width_mult': 0.45}),
+         cfg_options={**_longer, **_wide}),
 ]
 contrasts = contrasts + [  # noqa: F405
     ('angular_mixed_similarity', 'angular_kd_no_id',
