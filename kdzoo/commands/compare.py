@@ -39,7 +39,13 @@ data (``data_seed``) is the same for every seed.
 
 A run whose ``results.json`` holds the same run hash (resolved config, so
 the seed, plus the hashes of the runs it depends on) is reused, not
-retrained. A reused run whose ``results.json`` predates the current
+retrained. A run that was stopped before its ``results.json`` (the
+machine restarted, the job was killed) trains from the start again, or,
+with ``resume=True`` (``--resume``), continues from the newest complete
+checkpoint it wrote, provided that run started under the same run hash
+(``compare_run.json``, written when a run starts); its record says so
+(``resumed``) and its ``train_time_s`` adds the iteration time logged
+before the stop. A reused run whose ``results.json`` predates the current
 evaluation (``eval_version``) is evaluated again (test only, from its
 ``backbone.pth``).
 
@@ -137,7 +143,8 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
               executor_options: Optional[dict] = None,
               suite: Optional[Config] = None,
               no_train: bool = False,
-              export_records: Optional[str] = None) -> List[dict]:
+              export_records: Optional[str] = None,
+              resume: bool = False) -> List[dict]:
     """Train what is missing, test everything, write and print the table.
 
     ``jobs`` > 1 trains independent runs in that many processes at once
@@ -153,7 +160,8 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     left out. ``export_records``: copy every tabulated run's record
     (``results.json``, ``bootstrap.npz``) and the comparison files into
     this folder, laid out as in ``work_dir`` (see
-    :func:`export_run_records`).
+    :func:`export_run_records`). ``resume``: a stopped run continues from
+    its last checkpoint (see the module docstring).
     """
     from kdzoo.commands.report import (aggregate, comparison_markdown,
                                          default_columns,
@@ -207,6 +215,7 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
             if task['record'].get('eval_version') != EVAL_VERSION:
                 task['record'] = _evaluate_again(
                     task['cfg'], task['record'], task['run_dir'], task['tag'])
+    _announce_interrupted(tasks, resume)
     # trained seed by seed (runs trained once first, then every run's seed
     # 0, then seed 1, ...): a long suite stopped part-way leaves whole seeds
     # finished, which the next call reuses and can already tabulate
@@ -312,6 +321,8 @@ def _plan(suite: Config, path: str, work_dir: str, force: bool,
                 ''.join(_for_seed(stored[d], seed) for d in sorted(deps)))
             record = None if force else _finished(
                 run_dir, (run_hash, *legacy))
+            stopped = None if force or record else _interrupted(
+                run_dir, run_hash, cfg, bool(deps))
             stored_hash = record['run_hash'] if record else run_hash
             if record and stored_hash != run_hash:
                 _restamp(run_dir, record, run_hash)
@@ -321,7 +332,7 @@ def _plan(suite: Config, path: str, work_dir: str, force: bool,
                 recipe_label=run['recipe'],
                 tag=name if seed is None else f'{name} seed {seed}',
                 deps=sorted((d, _seed_key(run_dirs[d], seed)) for d in deps),
-                record=record))
+                record=record, stopped=stopped, resume=False))
             dirs_by_seed[seed] = run_dir
             # what runs depending on this one chain on: its current hash,
             # and (for records stamped under an older rule) the hash it was
@@ -331,6 +342,80 @@ def _plan(suite: Config, path: str, work_dir: str, force: bool,
         run_dirs[name], hashes[name] = dirs_by_seed, hashes_by_seed
         stored[name] = stored_by_seed
     return tasks
+
+
+# written in a run's dir when it starts: which run hash it trains, and when
+RUN_MARKER = 'compare_run.json'
+
+
+def _interrupted(run_dir: str, run_hash: str, cfg: Config,
+                 reads_runs: bool) -> Optional[dict]:
+    """What a stopped run left in ``run_dir``: None when it holds no
+    complete runner checkpoint, else ``checkpoint`` (its newest) and
+    ``why_not`` (None when a resume may continue from it: the run that
+    wrote it started under ``run_hash`` and wrote it after starting; or,
+    without ``compare_run.json``, e.g. a run started by ``kdzoo train``,
+    the checkpoint's own config hashes as ``cfg`` does and the run reads
+    no other run, whose content the config does not show)."""
+    from kdzoo.engine.checkpoint import find_resume_checkpoint
+    if not os.path.isdir(run_dir):
+        return None
+    ckpt = find_resume_checkpoint(run_dir, repair_pointer=False)
+    if ckpt is None:
+        return None
+    try:
+        with open(os.path.join(run_dir, RUN_MARKER)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        marker = {}
+    why_not = None
+    if not marker:
+        if reads_runs:
+            why_not = (f'no {RUN_MARKER} says which run hash wrote it, and '
+                       'the run reads other runs\' outputs')
+        elif _checkpoint_config_hash(ckpt) != config_hash(cfg):
+            why_not = ('the configuration saved in it differs from the '
+                       "run's")
+    elif marker.get('run_hash') != run_hash:
+        why_not = 'it was written under another configuration (run hash)'
+    elif os.path.getmtime(ckpt) < float(marker.get('started', 0)):
+        why_not = 'it predates the last start of this run'
+    return dict(checkpoint=ckpt, why_not=why_not)
+
+
+def _checkpoint_config_hash(path: str) -> Optional[str]:
+    """The content hash of the config an mmengine runner saved in its
+    checkpoint (``meta.cfg``), or None when it holds none."""
+    import torch
+    from kdzoo.engine.checkpoint import runner_checkpoint_policy
+    with runner_checkpoint_policy():
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    text = (state.get('meta') or {}).get('cfg')
+    if not isinstance(text, str):
+        return None
+    return config_hash(Config.fromstring(text, '.py'))
+
+
+def _announce_interrupted(tasks: List[dict], resume: bool) -> None:
+    """Say, per run to train that a stop left a checkpoint of, whether it
+    continues from it (``resume`` and the same run hash) or starts over;
+    sets the task's ``resume``."""
+    for task in tasks:
+        stopped = task.get('stopped')
+        if task['record'] is not None or not stopped:
+            continue
+        name = os.path.basename(stopped['checkpoint'])
+        if stopped['why_not']:
+            if resume:
+                print(f'[{task["tag"]}] not resumed from {name}: '
+                      f'{stopped["why_not"]}; it trains from the start')
+        elif resume:
+            task['resume'] = True
+            print(f'[{task["tag"]}] resuming a stopped run from {name}')
+        else:
+            print(f'[{task["tag"]}] a stopped run of the same configuration '
+                  f'left {name}; it trains from the start (--resume '
+                  'continues from it)')
 
 
 # before `tensorboard` left the content hash (kdzoo.engine.runner's
@@ -550,6 +635,10 @@ def register(sub) -> None:
     p.add_argument('--no-train', action='store_true',
                    help='train nothing: tabulate the runs (or grid points) '
                    'that have finished, name the others and leave them out')
+    p.add_argument('--resume', action='store_true',
+                   help='continue a run that was stopped part-way from its '
+                   'newest complete checkpoint, when it started under the '
+                   'same configuration (default: it trains from the start)')
     p.add_argument('--export-records', metavar='DIR',
                    help='copy each tabulated run\'s results.json and '
                    'bootstrap.npz and the comparison files to DIR, laid out '
@@ -566,7 +655,7 @@ def run(args):
                   executor=args.executor,
                   executor_options=parse_key_values(args.executor_options,
                                                     '--executor-options'),
-                  no_train=args.no_train)
+                  no_train=args.no_train, resume=args.resume)
     if args.grid:
         if args.export_records:
             raise ConfigError('--export-records goes with a comparison, not '

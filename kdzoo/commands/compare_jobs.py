@@ -60,8 +60,16 @@ def run_task(task: dict) -> dict:
     """Train (or, without training data, test) one planned run in this
     process and write its ``results.json``; returns the record."""
     cfg = task['cfg']
-    record = train_recipe(cfg) if cfg.get('train_dataloader') \
-        else test_recipe(cfg)
+    if cfg.get('train_dataloader'):
+        if not task.get('resume'):
+            from .compare import RUN_MARKER
+            os.makedirs(task['run_dir'], exist_ok=True)
+            atomic_write_json(os.path.join(task['run_dir'], RUN_MARKER),
+                              dict(run_hash=task['run_hash'],
+                                   started=time.time()))
+        record = train_recipe(cfg, resume=bool(task.get('resume')))
+    else:
+        record = test_recipe(cfg)
     record['run_hash'] = task['run_hash']
     record['recipe'] = task['recipe_label']
     record['role'] = task['role']
@@ -107,7 +115,7 @@ def _write_task(task: dict, threads: int) -> str:
     os.makedirs(task['run_dir'], exist_ok=True)
     path = os.path.join(task['run_dir'], TASK_FILE)
     keep = {k: task[k] for k in ('recipe', 'options', 'run_dir', 'run_hash',
-                                 'role', 'recipe_label', 'tag')}
+                                 'role', 'recipe_label', 'tag', 'resume')}
     keep['name'], keep['threads'] = task['key'][0], threads
     with open(path, 'wb') as f:
         pickle.dump(keep, f)

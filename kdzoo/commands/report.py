@@ -190,7 +190,8 @@ def reproduction_context(records: Sequence[dict], **extra) -> dict:
                  test_time_s=r.get('test_time_s', 0.0),
                  wall_time_s=round(r.get('train_time_s', 0.0) +
                                    r.get('test_time_s', 0.0), 2),
-                 device=r.get('device'), work_dir=r.get('work_dir'))
+                 device=r.get('device'), work_dir=r.get('work_dir'),
+                 **({'resumed': r['resumed']} if r.get('resumed') else {}))
             for r in records]
     context = dict(
         device=_unique(r.get('device') for r in records),
@@ -258,8 +259,11 @@ def _run_rows(context: dict):
         where = str(r['work_dir'])
         if base and r['work_dir']:
             where = os.path.relpath(r['work_dir'], base)
+        train = f'{r["train_time_s"]:.0f}'
+        if r.get('resumed'):  # the time before the stop is logged time
+            train += f' (resumed after epoch {r["resumed"].get("epoch")})'
         yield [f'{r["name"]} (seed {r["seed"]})', str(r['epochs']),
-               str(r['batch_size']), f'{r["train_time_s"]:.0f}',
+               str(r['batch_size']), train,
                f'{r["test_time_s"]:.0f}', str(r['device']),
                where + (' (reused)' if r['work_dir'] in reused else '')]
 

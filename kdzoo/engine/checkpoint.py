@@ -92,7 +92,8 @@ def find_resume_checkpoint(work_dir: str,
                            repair_pointer: bool = True) -> Optional[str]:
     """The newest complete checkpoint in ``work_dir``, or ``None``.
 
-    ``last_checkpoint`` is trusted only if the file it names loads; otherwise
+    ``last_checkpoint`` is trusted only if the file it names (looked up in
+    ``work_dir``, wherever the pointer says it was written) loads; otherwise
     ``epoch_*.pth``/``iter_*.pth`` are tried newest first, so a run killed
     while writing resumes from the last checkpoint that was fully written.
     With ``repair_pointer`` (resume), ``last_checkpoint`` is then rewritten
@@ -102,6 +103,10 @@ def find_resume_checkpoint(work_dir: str,
     if os.path.isfile(pointer):
         with open(pointer) as f:
             named = f.read().strip()
+        # the pointer holds the path the run was written under; a work dir
+        # copied or moved since reads its own file of that name, never the
+        # original's
+        named = named and os.path.join(work_dir, os.path.basename(named))
         if named and os.path.isfile(named) and _loadable(named):
             return named
     candidates = []
@@ -115,3 +120,22 @@ def find_resume_checkpoint(work_dir: str,
                 atomic_write_text(pointer, path)
             return path
     return None
+
+
+def trained_before(path: str) -> dict:
+    """What a runner checkpoint says of the training before it: its file
+    name, ``epoch``, ``iter`` and ``train_time_s``, the sum of the iteration
+    times mmengine's ``IterTimerHook`` logged up to it (``train/time`` in
+    the message hub; None when the checkpoint has none). The sum leaves out
+    runner building and checkpoint writing, so it is a lower bound of the
+    wall time spent."""
+    with runner_checkpoint_policy():
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    meta = state.get('meta') or {}
+    scalars = (state.get('message_hub') or {}).get('log_scalars') or {}
+    times = scalars.get('train/time')
+    seconds = None
+    if isinstance(times, HistoryBuffer) and len(times.data[0]):
+        seconds = round(float(np.sum(times.data[0])), 2)
+    return dict(checkpoint=os.path.basename(path), epoch=meta.get('epoch'),
+                iter=meta.get('iter'), train_time_s=seconds)

@@ -25,7 +25,8 @@ from kdzoo.utils.fileio import atomic_write_bytes
 from kdzoo.utils.allocator import malloc_tuning
 from kdzoo.utils.environment import (cpu_capability, cpu_description,
                                      software_versions)
-from .checkpoint import find_resume_checkpoint, runner_checkpoint_policy
+from .checkpoint import (find_resume_checkpoint, runner_checkpoint_policy,
+                         trained_before)
 from .visualization import default_visualizer, log_test_metrics
 from .exact_resume import ResumableEpochBasedTrainLoop, RngStateHook
 from .sharded_heads import (ShardedHeadCheckpointHook, gather_sharded_state,
@@ -380,18 +381,25 @@ def _no_trace_of_a_failed_build(cfg: Config, runners: list):
 
 def train_recipe(cfg: Config, resume: bool = False,
                  run_test: bool = True) -> dict:
-    """Train (and test) the recipe; write ``results.json`` in the work dir."""
+    """Train (and test) the recipe; write ``results.json`` in the work dir.
+
+    ``resume``: continue from the newest complete checkpoint in the work
+    dir, if any. The record then says so (``resumed``: checkpoint, epoch,
+    iteration, and the training time logged before it), and its
+    ``train_time_s`` adds that logged time to this call's."""
+    before = None
     if resume:
         ckpt = find_resume_checkpoint(cfg.work_dir)
         cfg.resume = ckpt is not None
         cfg.load_from = ckpt
+        before = trained_before(ckpt) if ckpt else None
     t0 = time.time()
     runners = []
     with _no_trace_of_a_failed_build(cfg, runners):
         runners.append(KdzooRunner.from_cfg(cfg))
         runners[0].train()
     runner = runners[0]
-    train_time = time.time() - t0
+    train_time = time.time() - t0 + ((before or {}).get('train_time_s') or 0)
     metrics, test_time, outputs = {}, 0.0, None
     if run_test and cfg.get('test_dataloader'):
         t1 = time.time()
@@ -399,7 +407,7 @@ def train_recipe(cfg: Config, resume: bool = False,
         test_time = time.time() - t1
         outputs = _test_outputs(runner)
     return write_results(runner, cfg, metrics, train_time, test_time,
-                         outputs=outputs)
+                         outputs=outputs, resumed=before)
 
 
 def test_recipe(cfg: Config, checkpoint: Optional[str] = None) -> dict:
@@ -466,7 +474,8 @@ def _is_runner_checkpoint(path: str) -> bool:
 
 def write_results(runner, cfg, metrics, train_time, test_time,
                   filename: str = 'results.json',
-                  outputs: Optional[dict] = None) -> dict:
+                  outputs: Optional[dict] = None,
+                  resumed: Optional[dict] = None) -> dict:
     """Write the run's record (``results.json``): metrics with their 95 %
     intervals (``<key>_ci95``), curves, timing and the environment; the
     bootstrap replicates go to ``bootstrap.npz`` beside it (what paired
@@ -491,6 +500,8 @@ def write_results(runner, cfg, metrics, train_time, test_time,
         bad_items_skipped=_bad_items(runner),
         work_dir=cfg.work_dir,
         **_environment())
+    if resumed:
+        record['resumed'] = resumed
     samples = {}
     if outputs is not None:  # None: not tested (run_test=False)
         record['eval_version'] = EVAL_VERSION
