@@ -194,6 +194,9 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     # config, content hash and the runs it reads (all known up front)
     tasks = _plan(suite, path, work_dir, force, cfg_options, num_seeds,
                   seed_list)
+    if force and resume:
+        raise ConfigError('--resume and --force exclude each other (--force '
+                          'retrains every run from the start)')
     if no_train:
         if force:
             raise ConfigError('--no-train and --force exclude each other')
@@ -321,8 +324,6 @@ def _plan(suite: Config, path: str, work_dir: str, force: bool,
                 ''.join(_for_seed(stored[d], seed) for d in sorted(deps)))
             record = None if force else _finished(
                 run_dir, (run_hash, *legacy))
-            stopped = None if force or record else _interrupted(
-                run_dir, run_hash, cfg, bool(deps))
             stored_hash = record['run_hash'] if record else run_hash
             if record and stored_hash != run_hash:
                 _restamp(run_dir, record, run_hash)
@@ -332,7 +333,7 @@ def _plan(suite: Config, path: str, work_dir: str, force: bool,
                 recipe_label=run['recipe'],
                 tag=name if seed is None else f'{name} seed {seed}',
                 deps=sorted((d, _seed_key(run_dirs[d], seed)) for d in deps),
-                record=record, stopped=stopped, resume=False))
+                record=record, resume=None))
             dirs_by_seed[seed] = run_dir
             # what runs depending on this one chain on: its current hash,
             # and (for records stamped under an older rule) the hash it was
@@ -352,70 +353,84 @@ def _interrupted(run_dir: str, run_hash: str, cfg: Config,
                  reads_runs: bool) -> Optional[dict]:
     """What a stopped run left in ``run_dir``: None when it holds no
     complete runner checkpoint, else ``checkpoint`` (its newest) and
-    ``why_not`` (None when a resume may continue from it: the run that
-    wrote it started under ``run_hash`` and wrote it after starting; or,
-    without ``compare_run.json``, e.g. a run started by ``kdzoo train``,
-    the checkpoint's own config hashes as ``cfg`` does and the run reads
-    no other run, whose content the config does not show)."""
-    from kdzoo.engine.checkpoint import find_resume_checkpoint
+    ``why_not``, None when a resume may continue from it: the config saved
+    in the checkpoint hashes as ``cfg`` does (where and under which name
+    it logs aside), and either the run that wrote it started under
+    ``run_hash`` (``compare_run.json``) and wrote it after starting, or,
+    unstamped (a run started by ``kdzoo train``, or by a kdzoo before the
+    stamp), the run reads no other run, whose content its config does not
+    show."""
+    from kdzoo.engine.checkpoint import find_resume_checkpoint, saved_config
     if not os.path.isdir(run_dir):
         return None
     ckpt = find_resume_checkpoint(run_dir, repair_pointer=False)
     if ckpt is None:
         return None
+    marker_path = os.path.join(run_dir, RUN_MARKER)
     try:
-        with open(os.path.join(run_dir, RUN_MARKER)) as f:
+        with open(marker_path) as f:
             marker = json.load(f)
-    except (OSError, ValueError):
-        marker = {}
-    why_not = None
-    if not marker:
-        if reads_runs:
-            why_not = (f'no {RUN_MARKER} says which run hash wrote it, and '
-                       'the run reads other runs\' outputs')
-        elif _checkpoint_config_hash(ckpt) != config_hash(cfg):
-            why_not = ('the configuration saved in it differs from the '
-                       "run's")
-    elif marker.get('run_hash') != run_hash:
-        why_not = 'it was written under another configuration (run hash)'
-    elif os.path.getmtime(ckpt) < float(marker.get('started', 0)):
-        why_not = 'it predates the last start of this run'
+        started = min(float(marker['started']),
+                      os.path.getmtime(marker_path))
+    except (OSError, ValueError, TypeError, KeyError):
+        marker = None
+    try:
+        saved = saved_config(ckpt)
+    except ValueError as e:
+        saved, why_not = None, ('its saved configuration is not plain '
+                                f'data ({e})')
+    else:
+        why_not = None if saved else 'it holds no saved configuration'
+    if why_not:
+        pass
+    elif _resume_hash(Config(saved)) != _resume_hash(cfg):
+        why_not = "the configuration saved in it differs from the run's"
+    elif marker is not None:
+        if marker.get('run_hash') != run_hash:
+            why_not = ('it was written under another run hash (a run it '
+                       'reads has changed)')
+        elif os.path.getmtime(ckpt) < started:
+            why_not = 'it predates the last start of this run'
+    elif reads_runs:
+        why_not = (f'no {RUN_MARKER} says which run hash wrote it, and the '
+                   "run reads other runs' outputs")
     return dict(checkpoint=ckpt, why_not=why_not)
 
 
-def _checkpoint_config_hash(path: str) -> Optional[str]:
-    """The content hash of the config an mmengine runner saved in its
-    checkpoint (``meta.cfg``), or None when it holds none."""
-    import torch
-    from kdzoo.engine.checkpoint import runner_checkpoint_policy
-    with runner_checkpoint_policy():
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    text = (state.get('meta') or {}).get('cfg')
-    if not isinstance(text, str):
-        return None
-    return config_hash(Config.fromstring(text, '.py'))
+def _resume_hash(cfg: Config) -> str:
+    """What must match between a checkpoint's saved config and a run's
+    for a resume: the content hash without the run's name."""
+    from kdzoo.engine.runner import HASH_IGNORED_KEYS
+    return config_hash(cfg, HASH_IGNORED_KEYS + ('experiment_name',))
 
 
 def _announce_interrupted(tasks: List[dict], resume: bool) -> None:
-    """Say, per run to train that a stop left a checkpoint of, whether it
-    continues from it (``resume`` and the same run hash) or starts over;
-    sets the task's ``resume``."""
+    """For each run to train that a stop left checkpoints of: with
+    ``resume``, set the task's ``resume`` to the checkpoint it continues
+    from, or say why it starts over; without, say that it starts over."""
+    from kdzoo.engine.checkpoint import checkpoint_files
     for task in tasks:
-        stopped = task.get('stopped')
-        if task['record'] is not None or not stopped:
+        if task['record'] is not None:
+            continue
+        if not resume:
+            files = checkpoint_files(task['run_dir'])
+            if files:
+                print(f'[{task["tag"]}] a stopped run left '
+                      f'{os.path.basename(files[0])}; it trains from the '
+                      'start (--resume continues from it when this '
+                      'configuration wrote it)')
+            continue
+        stopped = _interrupted(task['run_dir'], task['run_hash'],
+                               task['cfg'], bool(task['deps']))
+        if not stopped:
             continue
         name = os.path.basename(stopped['checkpoint'])
         if stopped['why_not']:
-            if resume:
-                print(f'[{task["tag"]}] not resumed from {name}: '
-                      f'{stopped["why_not"]}; it trains from the start')
-        elif resume:
-            task['resume'] = True
-            print(f'[{task["tag"]}] resuming a stopped run from {name}')
+            print(f'[{task["tag"]}] not resumed from {name}: '
+                  f'{stopped["why_not"]}; it trains from the start')
         else:
-            print(f'[{task["tag"]}] a stopped run of the same configuration '
-                  f'left {name}; it trains from the start (--resume '
-                  'continues from it)')
+            task['resume'] = stopped['checkpoint']
+            print(f'[{task["tag"]}] resuming a stopped run from {name}')
 
 
 # before `tensorboard` left the content hash (kdzoo.engine.runner's

@@ -61,13 +61,16 @@ def run_task(task: dict) -> dict:
     process and write its ``results.json``; returns the record."""
     cfg = task['cfg']
     if cfg.get('train_dataloader'):
-        if not task.get('resume'):
-            from .compare import RUN_MARKER
-            os.makedirs(task['run_dir'], exist_ok=True)
-            atomic_write_json(os.path.join(task['run_dir'], RUN_MARKER),
-                              dict(run_hash=task['run_hash'],
-                                   started=time.time()))
-        record = train_recipe(cfg, resume=bool(task.get('resume')))
+        resume_from = task.get('resume')
+        if not resume_from:
+            created = _stamp_start(task['run_dir'], task['run_hash'])
+        try:
+            record = train_recipe(cfg, resume=bool(resume_from),
+                                  resume_from=resume_from)
+        except BaseException:
+            if not resume_from:
+                _unstamp_start(task['run_dir'], created)
+            raise
     else:
         record = test_recipe(cfg)
     record['run_hash'] = task['run_hash']
@@ -75,6 +78,33 @@ def run_task(task: dict) -> dict:
     record['role'] = task['role']
     atomic_write_json(os.path.join(task['run_dir'], 'results.json'), record)
     return record
+
+
+def _stamp_start(run_dir: str, run_hash: str) -> bool:
+    """Write the run's ``compare_run.json`` (its run hash and start time:
+    what ``--resume`` checks a stopped run's checkpoints against); True
+    when this made ``run_dir``."""
+    from .compare import RUN_MARKER
+    created = not os.path.isdir(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    atomic_write_json(os.path.join(run_dir, RUN_MARKER),
+                      dict(run_hash=run_hash, started=time.time()))
+    return created
+
+
+def _unstamp_start(run_dir: str, created: bool) -> None:
+    """A run that failed before writing a checkpoint leaves no stamp (and
+    no run dir when its start made it)."""
+    from kdzoo.engine.checkpoint import checkpoint_files
+    from .compare import RUN_MARKER
+    if checkpoint_files(run_dir):
+        return
+    try:
+        os.remove(os.path.join(run_dir, RUN_MARKER))
+        if created and not os.listdir(run_dir):
+            os.rmdir(run_dir)
+    except OSError:
+        pass
 
 
 def run_tasks(tasks: List[dict], jobs: int, threads: Optional[int],

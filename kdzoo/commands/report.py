@@ -261,7 +261,7 @@ def _run_rows(context: dict):
             where = os.path.relpath(r['work_dir'], base)
         train = f'{r["train_time_s"]:.0f}'
         if r.get('resumed'):  # the time before the stop is logged time
-            train += f' (resumed after epoch {r["resumed"].get("epoch")})'
+            train += f' (resumed from {r["resumed"].get("checkpoint")})'
         yield [f'{r["name"]} (seed {r["seed"]})', str(r['epochs']),
                str(r['batch_size']), train,
                f'{r["test_time_s"]:.0f}', str(r['device']),

@@ -7,6 +7,7 @@ policy off: it loads its own checkpoints with ``weights_only=True`` plus this
 allow-list of the exact classes those checkpoints hold, so a checkpoint that
 carries anything else (e.g. code) is still refused.
 """
+import ast
 import contextlib
 import glob
 import os
@@ -88,12 +89,24 @@ def _loadable(path: str) -> bool:
         return False
 
 
+def checkpoint_files(work_dir: str) -> list:
+    """The runner checkpoints (``epoch_N.pth``, ``iter_N.pth``) in
+    ``work_dir``, highest N first; not opened."""
+    candidates = []
+    for path in glob.glob(os.path.join(work_dir, '*.pth')):
+        m = _CKPT_NUMBER.search(os.path.basename(path))
+        if m:
+            candidates.append((int(m.group(1)), path))
+    return [path for _, path in sorted(candidates, reverse=True)]
+
+
 def find_resume_checkpoint(work_dir: str,
                            repair_pointer: bool = True) -> Optional[str]:
     """The newest complete checkpoint in ``work_dir``, or ``None``.
 
-    ``last_checkpoint`` is trusted only if the file it names (looked up in
-    ``work_dir``, wherever the pointer says it was written) loads; otherwise
+    ``last_checkpoint`` is trusted only if the file it names loads (looked
+    up in ``work_dir``, whatever folder the pointer names, unless
+    ``work_dir`` holds no checkpoint at all); otherwise
     ``epoch_*.pth``/``iter_*.pth`` are tried newest first, so a run killed
     while writing resumes from the last checkpoint that was fully written.
     With ``repair_pointer`` (resume), ``last_checkpoint`` is then rewritten
@@ -103,18 +116,16 @@ def find_resume_checkpoint(work_dir: str,
     if os.path.isfile(pointer):
         with open(pointer) as f:
             named = f.read().strip()
-        # the pointer holds the path the run was written under; a work dir
-        # copied or moved since reads its own file of that name, never the
-        # original's
-        named = named and os.path.join(work_dir, os.path.basename(named))
-        if named and os.path.isfile(named) and _loadable(named):
-            return named
-    candidates = []
-    for path in glob.glob(os.path.join(work_dir, '*.pth')):
-        m = _CKPT_NUMBER.search(os.path.basename(path))
-        if m:
-            candidates.append((int(m.group(1)), path))
-    for _, path in sorted(candidates, reverse=True):
+        # the pointer holds the path the run was written under: a work dir
+        # copied or moved since reads its own file of that name, not the
+        # original's; the path itself only when the work dir holds no
+        # checkpoint (they went to the checkpoint hook's out_dir)
+        own = checkpoint_files(work_dir)
+        for path in (os.path.join(work_dir, os.path.basename(named)),
+                     None if own else named) if named else ():
+            if path and os.path.isfile(path) and _loadable(path):
+                return path
+    for path in checkpoint_files(work_dir):
         if _loadable(path):
             if repair_pointer:
                 atomic_write_text(pointer, path)
@@ -127,8 +138,9 @@ def trained_before(path: str) -> dict:
     name, ``epoch``, ``iter`` and ``train_time_s``, the sum of the iteration
     times mmengine's ``IterTimerHook`` logged up to it (``train/time`` in
     the message hub; None when the checkpoint has none). The sum leaves out
-    runner building and checkpoint writing, so it is a lower bound of the
-    wall time spent."""
+    runner building and checkpoint writing (and mmengine keeps at most
+    1,000,000 iteration times), so it is a lower bound of the wall time
+    spent."""
     with runner_checkpoint_policy():
         state = torch.load(path, map_location='cpu', weights_only=True)
     meta = state.get('meta') or {}
@@ -139,3 +151,48 @@ def trained_before(path: str) -> dict:
         seconds = round(float(np.sum(times.data[0])), 2)
     return dict(checkpoint=os.path.basename(path), epoch=meta.get('epoch'),
                 iter=meta.get('iter'), train_time_s=seconds)
+
+
+def saved_config(path: str) -> Optional[dict]:
+    """The config an mmengine runner saved in its checkpoint
+    (``meta.cfg``, the text of ``Config.pretty_text``) as plain data, or
+    None when it holds none. The text is parsed, not executed: anything
+    but assignments of literals, lists, tuples, dicts and ``dict(...)``
+    raises ValueError."""
+    with runner_checkpoint_policy():
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    text = (state.get('meta') or {}).get('cfg')
+    if not isinstance(text, str):
+        return None
+    try:
+        tree = ast.parse(text)
+    except SyntaxError as e:
+        raise ValueError(f'line {e.lineno}: {e.msg}') from None
+    out = {}
+    for node in tree.body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)):
+            raise ValueError(f'line {node.lineno}: not an assignment of '
+                             'plain data')
+        out[node.targets[0].id] = _plain(node.value)
+    return out
+
+
+def _plain(node):
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        items = [_plain(e) for e in node.elts]
+        return items if isinstance(node, ast.List) else tuple(items)
+    if isinstance(node, ast.Dict) and None not in node.keys:
+        return {_plain(k): _plain(v) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+            node.func.id == 'dict' and not node.args and \
+            all(kw.arg for kw in node.keywords):
+        return {kw.arg: _plain(kw.value) for kw in node.keywords}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        value = _plain(node.operand)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return -value
+    raise ValueError(f'line {node.lineno}: {type(node).__name__} is not '
+                     'plain data')

@@ -380,19 +380,22 @@ def _no_trace_of_a_failed_build(cfg: Config, runners: list):
 
 
 def train_recipe(cfg: Config, resume: bool = False,
-                 run_test: bool = True) -> dict:
+                 run_test: bool = True,
+                 resume_from: Optional[str] = None) -> dict:
     """Train (and test) the recipe; write ``results.json`` in the work dir.
 
-    ``resume``: continue from the newest complete checkpoint in the work
-    dir, if any. The record then says so (``resumed``: checkpoint, epoch,
+    ``resume``: continue from ``resume_from``, by default the newest
+    complete checkpoint in the work dir, if any. The record then says so (``resumed``: checkpoint, epoch,
     iteration, and the training time logged before it), and its
     ``train_time_s`` adds that logged time to this call's."""
     before = None
     if resume:
-        ckpt = find_resume_checkpoint(cfg.work_dir)
+        ckpt = resume_from or find_resume_checkpoint(cfg.work_dir)
         cfg.resume = ckpt is not None
         cfg.load_from = ckpt
-        before = trained_before(ckpt) if ckpt else None
+        # read where the record is written (one writer under torchrun)
+        before = trained_before(ckpt) if ckpt and is_main_process() \
+            else None
     t0 = time.time()
     runners = []
     with _no_trace_of_a_failed_build(cfg, runners):
