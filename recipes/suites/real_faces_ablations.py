@@ -65,6 +65,7 @@ contrasts = contrasts + [  # noqa: F405
     ('liaad_48ep', 'angular_kd_no_id_48ep', "LIAAD's terms at 48 epochs"),
     ('liaad_wide_24ep', 'liaad_24ep', 'width 0.45 vs 0.35 student'),
     ('liaad_wide_48ep', 'liaad_wide_24ep', '48 vs 24 epochs, width 0.45'),
+    ('liaad_wide_48ep', 'liaad_48ep', 'width 0.45 vs 0.35 at 48 epochs'),
 ]
 # the search covers the added methods only (the suite's own weights are
 # searched by recipes/suites/real_faces.py --grid)
