@@ -65,8 +65,9 @@ def run_task(task: dict) -> dict:
         if not resume_from:
             created = _stamp_start(task['run_dir'], task['run_hash'])
         try:
-            record = train_recipe(cfg, resume=bool(resume_from),
-                                  resume_from=resume_from)
+            record = train_recipe(cfg, resume=True,
+                                  resume_from=resume_from) \
+                if resume_from else train_recipe(cfg)
         except BaseException:
             if not resume_from:
                 _unstamp_start(task['run_dir'], created)
