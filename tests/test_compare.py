@@ -769,3 +769,38 @@ def test_run_without_training_data_is_only_tested(tmp_path, monkeypatch):
     records = suite_mod.run_suite(suite, work_dir=str(tmp_path / 'w'))
     assert tested == ['pretrained'] and trained == ['alone']
     assert [r['role'] for r in records] == ['teacher', 'student']
+
+
+def test_runs_selects_part_of_a_suite_with_what_it_needs(tmp_path,
+                                                         monkeypatch,
+                                                         capsys):
+    """``--runs``: the named runs, the runs they read and the baseline
+    and reference runs; contrasts among the others are left out."""
+    src = KD_SUITE.replace(', seeds=TS', '')
+    suite = write_suite(tmp_path / 's.py', textwrap.dedent(src) +
+                        textwrap.dedent('''
+        runs.append(dict(name='kd2', recipe=runs[2]['recipe'],
+                         cfg_options=runs[2]['cfg_options']))
+        '''), baseline='alone',
+        contrasts=[('kd', 'once'), ('kd2', 'kd'), ('kd', 'alone')])
+    loaded = suite_mod.load_suite(suite)
+    cut = suite_mod.select_runs(loaded, suite, ['kd'])
+    assert [r['name'] for r in cut.runs] == ['teacher', 'alone', 'kd']
+    assert [tuple(c) for c in cut.contrasts] == [('kd', 'alone')]
+    out = capsys.readouterr().out
+    assert '[alone] kept: the baseline' in out
+    assert '[teacher] kept: read by a selected run' in out
+    # the suite itself is left as it was
+    assert len(loaded.runs) == 5 and len(loaded.contrasts) == 3
+    with pytest.raises(suite_mod.ConfigError,
+                       match=r"--runs: 'kd3' is no run of .*s\.py.*"
+                             r"Did you mean: 'kd'"):
+        suite_mod.select_runs(loaded, suite, ['kd3'])
+    # through the command: only the selection is trained and tabulated
+    monkeypatch.setattr(jobs_mod, 'train_recipe', fake_record)
+    work = str(tmp_path / 'w')
+    assert main(['compare', suite, '--work-dir', work, '--runs', 'once']) \
+        == 0
+    names = [e['name'] for e in
+             read_json(os.path.join(work, 'comparison.json'))['aggregate']]
+    assert names == ['alone', 'once']

@@ -239,3 +239,11 @@ def test_the_edge_is_by_value_at_either_end_and_unknown_off_one_axis(
     assert rows['kd']['at_edge'] is True
     assert rows['kd_no_id']['at_edge'] is None
     assert 'extend the grid there): kd. Not known for kd_no_id' in md
+
+
+def test_runs_limits_the_grid_to_the_selected_runs(tmp_path, trained):
+    suite = write_suite(tmp_path / 's.py', SUITE)
+    rows = run_grid(suite, work_dir=str(tmp_path / 'w'), runs=['kd_no_id'])
+    assert [r['run'] for r in rows] == ['kd_no_id']
+    assert sorted(c['name'] for c in trained) == [
+        'kd_no_id@loss_weight=2.0', 'kd_no_id@loss_weight=8.0']

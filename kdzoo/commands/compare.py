@@ -124,6 +124,46 @@ def load_suite(path: str) -> Config:
     return suite
 
 
+def select_runs(suite: Config, path: str, names: List[str]) -> Config:
+    """The suite cut down to the runs ``names`` plus what they need: the
+    runs they read (``{name}`` placeholders, transitively) and the suite's
+    baseline and reference runs (every paired difference is taken against
+    them); contrasts and grid runs outside the selection are dropped.
+    Prints what it added."""
+    by_name = {r['name']: r for r in suite['runs']}
+    for name in names:
+        if name not in by_name:
+            from kdzoo.utils.errors import did_you_mean
+            raise ConfigError(f'--runs: {name!r} is no run of {path} (runs: '
+                              f'{list(by_name)}).'
+                              + did_you_mean(name, by_name))
+    keep = set(names)
+    baseline, reference = _comparison_runs(suite, path)
+    added = {n: 'the baseline' if n == baseline else 'the reference'
+             for n in (baseline, reference) if n and n not in keep}
+    keep |= set(added)
+    todo = list(keep)
+    while todo:  # the runs a kept run reads, and the runs they read
+        deps = set()
+        _substitute(dict(by_name[todo.pop()].get('cfg_options') or {}),
+                    {n: n for n in by_name}, path, deps)
+        for dep in deps - keep:
+            added[dep] = 'read by a selected run'
+            keep.add(dep)
+            todo.append(dep)
+    for name, why in added.items():
+        print(f'[{name}] kept: {why}')
+    cut = Config(suite.to_dict())
+    cut.runs = [r for r in suite['runs'] if r['name'] in keep]
+    if suite.get('contrasts'):
+        cut.contrasts = [c for c in suite['contrasts']
+                         if c[0] in keep and c[1] in keep]
+    if (suite.get('grid') or {}).get('runs'):
+        cut.grid = dict(suite['grid'], runs={
+            k: v for k, v in suite['grid']['runs'].items() if k in keep})
+    return cut
+
+
 def _num_seeds(value, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f'{where}: seeds must be an integer >= 1 (seeds '
@@ -144,7 +184,8 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
               suite: Optional[Config] = None,
               no_train: bool = False,
               export_records: Optional[str] = None,
-              resume: bool = False) -> List[dict]:
+              resume: bool = False,
+              runs: Optional[List[str]] = None) -> List[dict]:
     """Train what is missing, test everything, write and print the table.
 
     ``jobs`` > 1 trains independent runs in that many processes at once
@@ -161,7 +202,8 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     (``results.json``, ``bootstrap.npz``) and the comparison files into
     this folder, laid out as in ``work_dir`` (see
     :func:`export_run_records`). ``resume``: a stopped run continues from
-    its last checkpoint (see the module docstring).
+    its last checkpoint (see the module docstring). ``runs``: only these
+    of the suite's runs (:func:`select_runs`).
     """
     from kdzoo.commands.report import (aggregate, comparison_markdown,
                                          default_columns,
@@ -172,6 +214,8 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
                                               contrast_differences)
     from .compare_jobs import check_jobs, run_tasks
     suite = load_suite(path) if suite is None else suite
+    if runs:
+        suite = select_runs(suite, path, runs)
     baseline, reference = _comparison_runs(suite, path)  # before training
     contrasts = _contrasts(suite, path)
     num_seeds = _num_seeds(seeds if seeds is not None else
@@ -650,6 +694,10 @@ def register(sub) -> None:
     p.add_argument('--no-train', action='store_true',
                    help='train nothing: tabulate the runs (or grid points) '
                    'that have finished, name the others and leave them out')
+    p.add_argument('--runs', nargs='+', metavar='NAME',
+                   help="only these of the suite's runs (plus the runs "
+                   'they read and the baseline and reference runs); '
+                   'contrasts and grid runs of the others are left out')
     p.add_argument('--resume', action='store_true',
                    help='continue a run that was stopped part-way from its '
                    'newest complete checkpoint, when it started under the '
@@ -670,7 +718,8 @@ def run(args):
                   executor=args.executor,
                   executor_options=parse_key_values(args.executor_options,
                                                     '--executor-options'),
-                  no_train=args.no_train, resume=args.resume)
+                  no_train=args.no_train, resume=args.resume,
+                  runs=args.runs)
     if args.grid:
         if args.export_records:
             raise ConfigError('--export-records goes with a comparison, not '

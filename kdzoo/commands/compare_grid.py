@@ -276,8 +276,11 @@ def run_grid(path: str, work_dir: Optional[str] = None, **kwargs) -> list:
     """Train and test every grid point (``kwargs`` as ``run_suite``), then
     write ``grid.md`` and ``grid.json`` in the grid's work dir and print
     the choice. Returns the choice rows."""
-    from kdzoo.commands.compare import load_suite, run_suite
+    from kdzoo.commands.compare import load_suite, run_suite, select_runs
     suite = load_suite(path)
+    if kwargs.get('runs'):
+        suite = select_runs(suite, path, kwargs['runs'])
+    kwargs.pop('runs', None)
     derived = grid_suite(suite, path, work_dir)
     run_suite(path, work_dir=derived.work_dir, suite=derived, **kwargs)
     with open(os.path.join(derived.work_dir, 'comparison.json')) as f:

@@ -61,6 +61,7 @@ contrasts = contrasts + [  # noqa: F405
     ('liaad_24ep', 'angular_attention_24ep',
      "second teacher vs the first's maps at 24 epochs"),
     ('liaad_48ep', 'liaad_24ep', '48 vs 24 epochs'),
+    ('liaad_48ep', 'liaad', '48 vs 12 epochs'),
     ('angular_kd_no_id_48ep', 'angular_kd_no_id_24ep', '48 vs 24 epochs'),
     ('liaad_48ep', 'angular_kd_no_id_48ep', "LIAAD's terms at 48 epochs"),
     ('liaad_wide_24ep', 'liaad_24ep', 'width 0.45 vs 0.35 student'),
