@@ -258,7 +258,10 @@ def test_the_pointer_names_a_file_outside_the_work_dir(tmp_path, finished):
     assert find_resume_checkpoint(str(run), repair_pointer=False) == ckpt
 
 
-def test_resume_and_force_exclude_each_other(finished):
+def test_resume_and_force_exclude_each_other(finished, capsys):
     suite, options, work = finished
+    capsys.readouterr()
     assert main(['compare', suite, '--work-dir', work, '--resume',
                  '--force'] + options) == 2
+    assert '--resume and --force exclude each other' in \
+        capsys.readouterr().err

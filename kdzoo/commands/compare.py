@@ -42,8 +42,9 @@ the seed, plus the hashes of the runs it depends on) is reused, not
 retrained. A run that was stopped before its ``results.json`` (the
 machine restarted, the job was killed) trains from the start again, or,
 with ``resume=True`` (``--resume``), continues from the newest complete
-checkpoint it wrote, provided that run started under the same run hash
-(``compare_run.json``, written when a run starts); its record says so
+checkpoint it wrote, provided the config saved in that checkpoint is the
+run's and the run started under the same run hash (``compare_run.json``,
+written when a run starts; see :func:`_interrupted`); its record says so
 (``resumed``) and its ``train_time_s`` adds the iteration time logged
 before the stop. A reused run whose ``results.json`` predates the current
 evaluation (``eval_version``) is evaluated again (test only, from its
@@ -226,6 +227,9 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
             not os.path.isdir(export_records):
         raise ConfigError(f'--export-records {export_records} is a file; '
                           'give a folder (new or holding earlier records)')
+    if force and resume:
+        raise ConfigError('--resume and --force exclude each other (--force '
+                          'retrains every run from the start)')
     seed_list = list(range(num_seeds))
     if num_seeds > 1 and _sets_seed(cfg_options or {}):
         raise ConfigError(f'--cfg-options sets {_SEED_KEY} but --seeds '
@@ -238,9 +242,6 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
     # config, content hash and the runs it reads (all known up front)
     tasks = _plan(suite, path, work_dir, force, cfg_options, num_seeds,
                   seed_list)
-    if force and resume:
-        raise ConfigError('--resume and --force exclude each other (--force '
-                          'retrains every run from the start)')
     if no_train:
         if force:
             raise ConfigError('--no-train and --force exclude each other')
@@ -421,12 +422,11 @@ def _interrupted(run_dir: str, run_hash: str, cfg: Config,
     try:
         saved = saved_config(ckpt)
     except ValueError as e:
-        saved, why_not = None, ('its saved configuration is not plain '
-                                f'data ({e})')
-    else:
-        why_not = None if saved else 'it holds no saved configuration'
-    if why_not:
-        pass
+        return dict(checkpoint=ckpt, why_not='its saved configuration is '
+                    f'not plain data ({e})')
+    why_not = None
+    if not saved:
+        why_not = 'it holds no saved configuration'
     elif _resume_hash(Config(saved)) != _resume_hash(cfg):
         why_not = "the configuration saved in it differs from the run's"
     elif marker is not None:

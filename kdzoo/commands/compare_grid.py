@@ -278,9 +278,9 @@ def run_grid(path: str, work_dir: Optional[str] = None, **kwargs) -> list:
     the choice. Returns the choice rows."""
     from kdzoo.commands.compare import load_suite, run_suite, select_runs
     suite = load_suite(path)
-    if kwargs.get('runs'):
-        suite = select_runs(suite, path, kwargs['runs'])
-    kwargs.pop('runs', None)
+    runs = kwargs.pop('runs', None)
+    if runs:
+        suite = select_runs(suite, path, runs)
     derived = grid_suite(suite, path, work_dir)
     run_suite(path, work_dir=derived.work_dir, suite=derived, **kwargs)
     with open(os.path.join(derived.work_dir, 'comparison.json')) as f:

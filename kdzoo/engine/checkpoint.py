@@ -66,6 +66,12 @@ def runner_checkpoint_policy():
         yield
 
 
+def load_runner_checkpoint(path: str):
+    """A runner checkpoint's contents, on the CPU, under this policy."""
+    with runner_checkpoint_policy():
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
 @register_backend('kdzoo_atomic')
 class AtomicLocalBackend(LocalBackend):
     """mmengine local file backend whose writes are atomic (temp + rename)."""
@@ -82,8 +88,7 @@ _CKPT_NUMBER = re.compile(r'(?:epoch|iter)_(\d+)\.pth$')
 
 def _loadable(path: str) -> bool:
     try:
-        with runner_checkpoint_policy():
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = load_runner_checkpoint(path)
         return isinstance(ckpt, dict) and 'state_dict' in ckpt
     except Exception:  # noqa: BLE001 - any failure means "not usable"
         return False
@@ -141,8 +146,7 @@ def trained_before(path: str) -> dict:
     runner building and checkpoint writing (and mmengine keeps at most
     1,000,000 iteration times), so it is a lower bound of the wall time
     spent."""
-    with runner_checkpoint_policy():
-        state = torch.load(path, map_location='cpu', weights_only=True)
+    state = load_runner_checkpoint(path)
     meta = state.get('meta') or {}
     scalars = (state.get('message_hub') or {}).get('log_scalars') or {}
     times = scalars.get('train/time')
@@ -159,8 +163,7 @@ def saved_config(path: str) -> Optional[dict]:
     None when it holds none. The text is parsed, not executed: anything
     but assignments of literals, lists, tuples, dicts and ``dict(...)``
     raises ValueError."""
-    with runner_checkpoint_policy():
-        state = torch.load(path, map_location='cpu', weights_only=True)
+    state = load_runner_checkpoint(path)
     text = (state.get('meta') or {}).get('cfg')
     if not isinstance(text, str):
         return None

@@ -25,8 +25,8 @@ from kdzoo.utils.fileio import atomic_write_bytes
 from kdzoo.utils.allocator import malloc_tuning
 from kdzoo.utils.environment import (cpu_capability, cpu_description,
                                      software_versions)
-from .checkpoint import (find_resume_checkpoint, runner_checkpoint_policy,
-                         trained_before)
+from .checkpoint import (find_resume_checkpoint, load_runner_checkpoint,
+                         runner_checkpoint_policy, trained_before)
 from .visualization import default_visualizer, log_test_metrics
 from .exact_resume import ResumableEpochBasedTrainLoop, RngStateHook
 from .sharded_heads import (ShardedHeadCheckpointHook, gather_sharded_state,
@@ -385,9 +385,10 @@ def train_recipe(cfg: Config, resume: bool = False,
     """Train (and test) the recipe; write ``results.json`` in the work dir.
 
     ``resume``: continue from ``resume_from``, by default the newest
-    complete checkpoint in the work dir, if any. The record then says so (``resumed``: checkpoint, epoch,
-    iteration, and the training time logged before it), and its
-    ``train_time_s`` adds that logged time to this call's."""
+    complete checkpoint in the work dir, if any. The record then says so
+    (``resumed``: checkpoint, epoch, iteration, and the training time
+    logged before it), and its ``train_time_s`` adds that logged time to
+    this call's."""
     before = None
     if resume:
         ckpt = resume_from or find_resume_checkpoint(cfg.work_dir)
@@ -467,8 +468,7 @@ def bootstrap_file(results_file: str) -> str:
 def _is_runner_checkpoint(path: str) -> bool:
     from kdzoo.utils import load_weights_file
     try:
-        with runner_checkpoint_policy():
-            obj = torch.load(path, map_location='cpu', weights_only=True)
+        obj = load_runner_checkpoint(path)
     except Exception:  # noqa: BLE001 - let the weights loader explain
         load_weights_file(path, 'checkpoint')
         raise
