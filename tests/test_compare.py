@@ -694,6 +694,28 @@ def test_plot_falls_back_to_a_measured_far(tmp_path):
     assert fig.axes[1].get_ylabel() == 'TAR@FAR=1e-1'
 
 
+def test_plot_slants_long_names_and_title_names_teachers_only_when_present(
+        tmp_path):
+    """Four bars with long names would overlap side by side: they slant.
+    The title mentions teachers' single seed only when a run was trained
+    once."""
+    from kdzoo.evaluation.plots import seeds_title
+    recs = _records()
+    long_name = 'two_teacher_angular_gated'
+    for r in recs:
+        r['name'] = r['name'] + '_' + long_name
+    fig = write_comparison_plot(aggregate(recs), str(tmp_path / 'p.png'))
+    assert {t.get_rotation() for t in fig.axes[1].get_xticklabels()} == {45}
+    fig = write_comparison_plot(aggregate(_records()),
+                                str(tmp_path / 'q.png'))
+    assert {t.get_rotation() for t in fig.axes[1].get_xticklabels()} == {0}
+    assert seeds_title('s', [0, 1, 2]) == \
+        's: 3 seeds (0, 1, 2; teachers: one seed)'
+    assert seeds_title('s', [0, 1, 2], trained_once=False) == \
+        's: 3 seeds (0, 1, 2)'
+    assert seeds_title('s', [0], trained_once=False) == 's: one seed (0)'
+
+
 # -------------------------------------------- the metric's TAR-vs-FAR curve
 def test_verification_metric_keeps_curve_beside_scalar_metrics():
     from kdzoo.evaluation.metrics import FaceVerificationMetric

@@ -309,7 +309,10 @@ def run_suite(path: str, work_dir: Optional[str] = None, force: bool = False,
                                           compare_keys, contrasted))
     from kdzoo.evaluation.plots import seeds_title, write_comparison_plot
     write_comparison_plot(entries, png,
-                          seeds_title(suite_name, seed_list, repeated),
+                          seeds_title(suite_name, seed_list, repeated,
+                                      trained_once=any(
+                                          t['key'][1] is None
+                                          for t in tasks)),
                           protocol=plot_opts.get('protocol'),
                           far=plot_opts.get('far', 1e-3))
     print_comparison(entries, columns, title=f'kdzoo compare: {path}',

@@ -139,8 +139,11 @@ def plot_comparison(entries: Sequence[dict], title: str = 'comparison',
             ax_bar.text(x, h + err[1] + 0.01, f'{h:.3f}', ha='center',
                         va='bottom', fontsize='x-small',
                         rotation=90 if many else 0)
-    ax_bar.set_xticks(list(xs), names, rotation=45 if len(names) > 4 else 0,
-                      ha='right' if len(names) > 4 else 'center')
+    # labels side by side while they fit under their bars (about 14
+    # characters a bar at this figure width), slanted otherwise
+    slant = len(names) > 4 or max(map(len, names), default=0) > 14
+    ax_bar.set_xticks(list(xs), names, rotation=45 if slant else 0,
+                      ha='right' if slant else 'center')
     ax_bar.set_ylabel(f'TAR@FAR={far_key(bar_far)}')
     top = max([h + s[1] for h, s in zip(heights, errs)] + [0.1])
     ax_bar.set_ylim(0, min(1.05, max(0.1, top * (1.3 if many else 1.15)
@@ -195,11 +198,14 @@ def write_comparison_plot(entries: Sequence[dict], path: str,
 
 
 def seeds_title(suite_name: str, seeds: Sequence,
-                repeated: Optional[bool] = None) -> str:
+                repeated: Optional[bool] = None,
+                trained_once: bool = True) -> str:
     """``'<suite>: N seeds (0, 1, 2; teachers: one seed)'`` when the runs
-    were repeated over ``seeds``, else ``'<suite>: one seed (0)'``."""
+    were repeated over ``seeds`` (the teachers' part only when
+    ``trained_once``: some run, a teacher or ``seeds=False``, was trained
+    once), else ``'<suite>: one seed (0)'``."""
     repeated = len(seeds) > 1 if repeated is None else repeated
     if not repeated:
         return f'{suite_name}: one seed ({", ".join(map(str, seeds))})'
     return (f'{suite_name}: {len(seeds)} seeds ({", ".join(map(str, seeds))}'
-            '; teachers: one seed)')
+            + ('; teachers: one seed)' if trained_once else ')'))
