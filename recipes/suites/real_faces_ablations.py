@@ -18,9 +18,9 @@
 #       kdzoo compare recipes/suites/real_faces_ablations.py --jobs 2 \
 #           --threads 1
 # Results: docs/results/real_faces.md. Measured on a 2-core EPYC, one
-# thread per run, two at a time: a run trains in about 20-30 min (12
-# epochs), 40-50 min (24) or 75-80 min (48); a weight search takes about
-# 55 min of one core per method.
+# thread per run, two at a time: a run trains in about 20-36 min (12
+# epochs), 40-50 min (24) or 75-80 min (48); the mixes' weight searches
+# took 36-45 min of one core per method (teacher caches included).
 from mmengine.config import read_base
 
 with read_base():
